@@ -1,0 +1,923 @@
+"""Diffusion Actor-Critic (DAC) for offline reinforcement learning, in one file.
+
+Paper: Fang, Liu, Zhang, Wang, Jing. "Diffusion Actor-Critic: Formulating Constrained Policy Iteration as
+Diffusion Noise Regression for Offline Reinforcement Learning". arXiv:2405.20555 (2024).
+Official code (JAX): https://github.com/Fang-Lin93/DAC
+
+The policy is a diffusion model trained by noise regression whose target is shifted by the Q-gradient
+("soft Q-guidance", section 2 below); the critic is an ensemble whose TD target is a lower confidence bound
+over the ensemble (section 3). The file reads in the paper's order: config -> data -> diffusion schedule and
+sampler -> networks -> losses -> update step -> fast path -> evaluation -> main.
+
+    python dac.py --env hopper-medium-v2
+
+Deliberate differences from the official code (README.md lists them with reasons):
+* Evaluation runs on Gymnasium's v5 MuJoCo tasks (Hopper-v5, ...), not D4RL's mujoco-py v2 tasks; scores are
+  normalised with D4RL's constants but are not the same benchmark as the paper's table.
+* Data come from D4RL hdf5 files or Minari (mujoco/*-v0, recorded on v5 tasks) instead of the d4rl package;
+  transitions that end in a time-out are kept (their next observation is in the file) where d4rl's
+  `qlearning_dataset` drops them.
+* Weights use PyTorch's default initialisation, not Flax's.
+* Antmaze (max-Q backup, fixed eta) is not included: there are no v5 antmaze tasks with D4RL's layout.
+* The fast path (on by default on CUDA) runs float32 matrix products in TF32, as JAX does by default on GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ======================================================================================================
+# Config and presets
+# ======================================================================================================
+def arg(default, help, **kwargs):
+    """A Config field: its default, its --help text, and extra argparse settings (choices, type of items)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=dict(help=help, **kwargs))
+    return field(default=default, metadata=dict(help=help, **kwargs))
+
+
+@dataclass
+class Config:
+    # --- task and data
+    env: str = arg("hopper-medium-v2", "D4RL-style dataset name; picks the task, the presets and the data")
+    dataset: list = arg([], "D4RL-layout hdf5 files and/or Minari ids, concatenated in order (default: from --env)")
+    # --- run length, evaluation, output
+    steps: int = arg(2_000_000, "gradient steps (the cosine learning-rate decay spans them)")
+    eval_every: int = arg(10_000, "gradient steps between evaluations (and checkpoints)")
+    eval_episodes: int = arg(10, "episodes per evaluation, run together in a vector env")
+    seed: int = arg(0, "random seed (networks, batches, noise)")
+    seeds: list = arg([], "train several seeds at once on one device, each with its own outputs (overrides --seed)",
+                      type=int)
+    device: str = arg("auto", "where to train", choices=["auto", "cpu", "cuda"])
+    out: str = arg("", "output folder (default runs/<env>/seed<seed>)")
+    resume: bool = arg(False, "continue from <out>/checkpoint.pt with exactly its state")
+    eval_only: str = arg("", "evaluate the agent in this checkpoint and exit")
+    fast: bool = arg(True, "CUDA: replay the whole gradient step as one CUDA graph (--no-fast: eager)")
+    # --- actor: diffusion policy and Q-guidance (paper sections 2, 4, 5)
+    guidance: str = arg("soft", "Q-guidance of the actor loss", choices=["soft", "hard", "denoised"])
+    T: int = arg(5, "diffusion steps")
+    eta: float = arg(1.0, "initial weight of the behaviour-cloning term (KL constraint strength)")
+    eta_lr: float = arg(1e-3, "dual-ascent step size for eta (0 keeps eta fixed)")
+    bc_threshold: float = arg(1.0, "b: eta rises while the noise-regression loss exceeds b, falls below it")
+    num_action_samples: int = arg(10, "N_a: actions sampled per state when acting; the best by Q is taken")
+    actor_lr: float = arg(3e-4, "actor Adam learning rate (cosine-decayed to 0)")
+    actor_ema_tau: float = arg(0.005, "EMA rate of the target actor")
+    actor_ema_every: int = arg(5, "update the target actor every this many steps ...")
+    actor_ema_start: int = arg(1000, "... once the step count exceeds this")
+    # --- critic: Q-ensemble with LCB target (paper section 3)
+    num_qs: int = arg(10, "H: critics in the ensemble")
+    rho: float = arg(1.0, "LCB pessimism: target = mean_h V - rho * std_h V")
+    q_target: str = arg("lcb", "ensemble target", choices=["lcb", "min"])
+    num_next_actions: int = arg(10, "N: next actions drawn from the target actor per next state")
+    critic_lr: float = arg(3e-4, "critic Adam learning rate (cosine-decayed to 0)")
+    tau: float = arg(0.005, "Polyak rate of the target critics")
+    gamma: float = arg(0.99, "discount")
+    # --- shared
+    batch_size: int = arg(256, "transitions per gradient step")
+    hidden_dim: int = arg(256, "width of the 3 hidden layers of every network")
+    grad_clip: float = arg(1.0, "global gradient-norm clip per network")
+
+
+# Official per-dataset settings (PAPER.md section 7); any command-line flag overrides them.
+PRESETS = {
+    **{f"walker2d-{d}-v2": dict(rho=1.0, bc_threshold=1.0) for d in ("medium", "medium-replay", "medium-expert")},
+    "hopper-medium-v2": dict(rho=1.5, bc_threshold=1.0),
+    "hopper-medium-replay-v2": dict(rho=1.5, bc_threshold=1.0),
+    "hopper-medium-expert-v2": dict(rho=1.5, bc_threshold=0.05),
+    "halfcheetah-medium-v2": dict(rho=0.0, bc_threshold=1.0),
+    "halfcheetah-medium-replay-v2": dict(rho=0.0, bc_threshold=1.0),
+    "halfcheetah-medium-expert-v2": dict(rho=0.0, bc_threshold=0.1),
+}
+
+# Task family -> (Gymnasium task used for evaluation, D4RL random score, D4RL expert score).
+TASKS = {
+    "hopper": ("Hopper-v5", -20.272305, 3234.3),
+    "walker2d": ("Walker2d-v5", 1.629008, 4592.3),
+    "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0),
+}
+LEVELS = ("medium", "medium-replay", "medium-expert", "expert")
+ENV_NAMES = [f"{family}-{level}-v2" for family in TASKS for level in LEVELS]
+# Fields that may change between a run and its resumption (they do not change what is learned).
+RUN_ONLY_FIELDS = {"out", "resume", "eval_only", "device", "fast", "eval_episodes", "seeds"}
+
+
+class UserError(Exception):
+    """A mistake the user can fix; main() prints it as one paragraph and exits non-zero, no traceback."""
+
+
+def family_of(env: str) -> str:
+    return env.split("-")[0]
+
+
+def check_config(cfg: Config) -> None:
+    """Reject values the method cannot run with, naming the flag and what it accepts."""
+    if cfg.env not in ENV_NAMES:
+        raise UserError(f"unknown --env '{cfg.env}'. Valid names: {', '.join(ENV_NAMES)}.")
+    positive = ["steps", "eval_every", "eval_episodes", "T", "num_action_samples", "num_qs", "num_next_actions",
+                "batch_size", "hidden_dim", "actor_ema_every"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}.")
+    for name in ["eta", "actor_lr", "critic_lr", "grad_clip"]:
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}.")
+    for name in ["eta_lr", "rho", "bc_threshold", "actor_ema_start"]:
+        if not getattr(cfg, name) >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}.")
+    for name in ["tau", "actor_ema_tau", "gamma"]:
+        if not 0 < getattr(cfg, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must lie in (0, 1], got {getattr(cfg, name)}.")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU. Use --device cpu or auto.")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise UserError(f"--seeds has repeated values {cfg.seeds}; give each seed once.")
+
+
+# ======================================================================================================
+# Data: D4RL hdf5 files and Minari datasets -> one array dict (PAPER.md sections 6 and 9)
+# ======================================================================================================
+HDF5_KEYS = ("observations", "actions", "rewards", "terminals")
+
+
+def load_hdf5(path: str) -> dict:
+    """Read a D4RL-layout hdf5 file. Without `next_observations`, derive them from the next row and drop the
+    last transition of every time-out episode, as d4rl.qlearning_dataset does."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in HDF5_KEYS if k not in f]
+            if missing:
+                raise UserError(f"'{path}' is not a D4RL-layout dataset: it lacks {missing}. Expected keys "
+                                f"{list(HDF5_KEYS)} (+ optional timeouts, next_observations), one row per step.")
+            d = {k: np.asarray(f[k][()]) for k in (*HDF5_KEYS, "timeouts", "next_observations") if k in f}
+    except OSError as e:
+        raise UserError(f"cannot read '{path}' as HDF5 ({e}). Check that the file is complete (re-download or "
+                        f"re-copy it) and that it is an .hdf5 file in D4RL's layout.") from None
+    n = len(d["observations"])
+    d.setdefault("timeouts", np.zeros(n, bool))
+    for k, v in d.items():
+        if len(v) != n:
+            raise UserError(f"'{path}' is malformed: '{k}' has {len(v)} rows but 'observations' has {n}; every "
+                            f"array must have one row per transition.")
+    if d["observations"].ndim != 2 or d["actions"].ndim != 2:
+        raise UserError(f"'{path}' is malformed: observations and actions must be 2-D (steps, dim), got shapes "
+                        f"{d['observations'].shape} and {d['actions'].shape}.")
+    if "next_observations" not in d:
+        keep = ~d["timeouts"].astype(bool)
+        keep[-1] = False
+        d["next_observations"] = np.roll(d["observations"], -1, axis=0)
+        d = {k: v[keep] for k, v in d.items()}
+    return d
+
+
+def load_minari(dataset_id: str) -> dict:
+    """Read a Minari dataset (local, else downloaded) into D4RL's flat layout."""
+    try:
+        import minari
+    except ImportError:
+        raise UserError(f"'{dataset_id}' looks like a Minari id, but minari is not installed: "
+                        f"pip install 'minari[hf]'.") from None
+    try:
+        ds = minari.load_dataset(dataset_id)
+    except Exception:
+        try:
+            ds = minari.load_dataset(dataset_id, download=True)
+        except Exception as e:
+            raise FileNotFoundError(f"Minari '{dataset_id}' is neither in "
+                                    f"{os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')} nor "
+                                    f"downloadable ({type(e).__name__}: {str(e)[:200]})") from None
+    parts = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
+    for ep in ds.iterate_episodes():
+        parts["observations"].append(ep.observations[:-1])
+        parts["next_observations"].append(ep.observations[1:])
+        parts["actions"].append(ep.actions)
+        parts["rewards"].append(ep.rewards)
+        parts["terminals"].append(ep.terminations)
+        parts["timeouts"].append(ep.truncations)
+    if not parts["actions"]:
+        raise UserError(f"Minari dataset '{dataset_id}' has no episodes.")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def default_sources(env: str) -> list:
+    """Where a D4RL name's data is looked for: D4RL's own cache file, else its Minari counterpart(s)."""
+    family, level = family_of(env), env[len(family_of(env)) + 1:-3]
+    d4rl_dir = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
+    d4rl_file = d4rl_dir / f"{family}_{level.replace('-', '_')}-v2.hdf5"
+    if d4rl_file.exists():
+        return [str(d4rl_file)]
+    if level == "medium-replay":
+        raise UserError(f"no data for {env}: D4RL's file {d4rl_file} does not exist and Minari has no "
+                        f"medium-replay counterpart. Provide it with --dataset PATH.hdf5 (a D4RL-layout file, "
+                        f"e.g. d4rl's {family}_medium_replay-v2.hdf5), or copy that file to {d4rl_file}.")
+    levels = ["medium", "expert"] if level == "medium-expert" else [level]
+    return [f"mujoco/{family}/{lv}-v0" for lv in levels]
+
+
+def episode_ends(d: dict) -> np.ndarray:
+    """True where an episode ends: terminal, time-out, a jump between next_observation and the next row, or
+    the last row (the IQL convention for splitting a flat dataset into trajectories)."""
+    ends = d["terminals"].astype(bool) | d["timeouts"].astype(bool)
+    ends[:-1] |= np.abs(d["next_observations"][:-1] - d["observations"][1:]).max(axis=1) > 1e-6
+    ends[-1] = True
+    return ends
+
+
+def reward_scale(rewards: np.ndarray, ends: np.ndarray) -> float:
+    """1000 / (max episode return - min episode return) (PAPER.md section 6)."""
+    returns = np.add.reduceat(rewards, np.r_[0, np.flatnonzero(ends[:-1]) + 1])
+    spread = returns.max() - returns.min()
+    return 1000.0 / spread if spread > 0 else 1.0
+
+
+def load_dataset(cfg: Config, obs_dim: int, act_dim: int) -> dict:
+    """Load, check and concatenate the sources; clip actions; rescale rewards. Returns float32 arrays."""
+    sources = cfg.dataset or default_sources(cfg.env)
+    parts, tried = [], []
+    for src in sources:
+        is_file = src.endswith((".hdf5", ".h5")) or os.path.exists(src)
+        if is_file and not os.path.exists(src):
+            tried.append(f"file {src} (does not exist)")
+            continue
+        try:
+            parts.append((src, load_hdf5(src) if is_file else load_minari(src)))
+        except FileNotFoundError as e:
+            tried.append(str(e))
+    if tried:
+        raise UserError(
+            f"dataset not found for {cfg.env}. Tried: {'; '.join(tried)}. Ways to provide data: pass "
+            f"--dataset FILE.hdf5 [FILE2.hdf5 ...] (D4RL layout); or put d4rl's file in ~/.d4rl/datasets/ (or "
+            f"$D4RL_DATASET_DIR); or install 'minari[hf]' and run online once so Minari caches the dataset in "
+            f"$MINARI_DATASETS_PATH (default ~/.minari/datasets), after which it loads offline.")
+    for src, d in parts:
+        if d["observations"].shape[1] != obs_dim or d["actions"].shape[1] != act_dim:
+            raise UserError(
+                f"'{src}' does not fit {cfg.env}: it has observations of size {d['observations'].shape[1]} and "
+                f"actions of size {d['actions'].shape[1]}, the task {TASKS[family_of(cfg.env)][0]} has "
+                f"{obs_dim} and {act_dim}. Pick the --env that matches the data.")
+        d["timeouts"][-1] |= ~d["terminals"][-1].astype(bool)  # a source's last row ends its episode
+    d = {k: np.concatenate([p[k] for _, p in parts]) for k in parts[0][1]}
+    for k in ("observations", "actions", "rewards", "next_observations"):
+        if not np.isfinite(d[k]).all():
+            raise UserError(f"the dataset ({', '.join(sources)}) has NaN or infinite values in '{k}'; "
+                            f"clean or regenerate it.")
+    d["actions"] = np.clip(d["actions"], -1 + 1e-5, 1 - 1e-5)
+    d["rewards"] = d["rewards"] * reward_scale(d["rewards"], episode_ends(d))
+    return {k: d[k].astype(np.float32) for k in ("observations", "actions", "rewards", "next_observations",
+                                                  "terminals")}
+
+
+class Batch(NamedTuple):
+    obs: torch.Tensor       # (B, S)
+    act: torch.Tensor       # (B, A)
+    rew: torch.Tensor       # (B,)
+    next_obs: torch.Tensor  # (B, S)
+    terminal: torch.Tensor  # (B,)
+
+
+class DeviceData:
+    """The whole dataset as tensors on the training device; batches are drawn there (no host round trip)."""
+
+    def __init__(self, d: dict, device: torch.device):
+        self.tensors = [torch.as_tensor(d[k], device=device) for k in
+                        ("observations", "actions", "rewards", "next_observations", "terminals")]
+        self.size = len(d["rewards"])
+
+    def sample(self, batch_size: int, gen: torch.Generator) -> Batch:
+        idx = torch.randint(self.size, (batch_size,), device=gen.device, generator=gen)
+        return Batch(*(t[idx] for t in self.tensors))
+
+
+# ======================================================================================================
+# Diffusion schedule and sampler (PAPER.md section 5)
+# ======================================================================================================
+def vp_schedule(T: int, b_min: float = 0.1, b_max: float = 10.0) -> dict:
+    """VP schedule, alpha_t = exp(-b_min/T - (b_max-b_min)(2t-1)/(2T^2)), t = 1..T, with alpha_0 = 1 prepended
+    so that index t is step t and abar_0 = 1. Returns float32 tensors of length T + 1."""
+    t = torch.arange(1, T + 1, dtype=torch.float64)
+    alphas = torch.cat([torch.ones(1, dtype=torch.float64),
+                        torch.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T**2)])
+    abar = torch.cumprod(alphas, 0)
+    return {"alphas": alphas.float(), "betas": (1 - alphas).float(), "abar": abar.float()}
+
+
+def noisy_action(a: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """Forward process x_t = sqrt(abar_t) a + sqrt(1 - abar_t) eps (section 1). a, eps (B, A); t (B,)."""
+    ab = abar[t].unsqueeze(-1)  # (B, 1)
+    return ab.sqrt() * a + (1 - ab).sqrt() * eps
+
+
+def ddpm_sample(actor: nn.Module, state: torch.Tensor, sched: dict, gen: torch.Generator,
+                clip_x0: bool = True) -> torch.Tensor:
+    """Reverse chain x_T ~ N(0, I) -> x_0 with the DDPM posterior mean written through x0_hat (section 5).
+    state (M, S) -> actions (M, A). Gradients flow through the chain unless the caller disables them."""
+    alphas, betas, abar = sched["alphas"], sched["betas"], sched["abar"]
+    M, T = state.shape[0], len(alphas) - 1
+    x = torch.randn(M, actor.act_dim, device=state.device, generator=gen)  # (M, A)
+    for t in range(T, 0, -1):
+        eps = actor(state, x, torch.full((M,), t, device=state.device, dtype=torch.long))  # (M, A)
+        x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+        x = (abar[t - 1].sqrt() * betas[t] * x0 + alphas[t].sqrt() * (1 - abar[t - 1]) * x) / (1 - abar[t])
+        if t > 1:
+            x = x + betas[t].sqrt() * torch.randn(x.shape, device=x.device, generator=gen)
+    return x
+
+
+# ======================================================================================================
+# Networks (PAPER.md section 5)
+# ======================================================================================================
+def timestep_features(t: torch.Tensor, dim: int = 16) -> torch.Tensor:
+    """Fixed sinusoidal features of the integer step: [cos(t f_k), sin(t f_k)], f_k = exp(-log(1e4) k/(dim/2-1)).
+    t (M,) -> (M, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / (half - 1))  # (dim/2,)
+    angles = t.float().unsqueeze(-1) * freqs  # (M, dim/2)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class NoiseMLP(nn.Module):
+    """eps_theta(s, x_t, t): MLP on [s, x_t, time MLP(sinusoidal(t))], 3 hidden layers, Mish."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, time_dim: int = 16):
+        super().__init__()
+        self.act_dim = act_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 32), nn.Mish(), nn.Linear(32, 32))
+        self.net = nn.Sequential(nn.Linear(obs_dim + act_dim + 32, hidden), nn.Mish(),
+                                 nn.Linear(hidden, hidden), nn.Mish(),
+                                 nn.Linear(hidden, hidden), nn.Mish(),
+                                 nn.Linear(hidden, act_dim))
+
+    def forward(self, s: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(timestep_features(t))  # (M, 32)
+        return self.net(torch.cat([s, x, temb], dim=-1))  # (M, A)
+
+
+class VectorizedLinear(nn.Module):
+    """H independent linear layers as one batched matmul: weight (H, in, out). x (H, M, in) or (M, in)."""
+
+    def __init__(self, in_dim: int, out_dim: int, ensemble: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(ensemble, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.empty(ensemble, 1, out_dim))
+        bound = 1 / math.sqrt(in_dim)  # nn.Linear's default init, per member
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.weight) + self.bias  # (H, M, out)
+
+
+class EnsembleCritic(nn.Module):
+    """H Q-networks Q_h(s, a): 3 hidden layers, Mish, scalar output, all evaluated in one batched pass."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_qs: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, num_qs), nn.Mish(),
+                                 VectorizedLinear(hidden, hidden, num_qs), nn.Mish(),
+                                 VectorizedLinear(hidden, hidden, num_qs), nn.Mish(),
+                                 VectorizedLinear(hidden, 1, num_qs))
+
+    def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([s, a], dim=-1)).squeeze(-1)  # (H, M)
+
+
+# ======================================================================================================
+# Losses: one small function per equation
+# ======================================================================================================
+def ensemble_value(v: torch.Tensor, kind: str, rho: float) -> torch.Tensor:
+    """Section 3. v (H, B) -> (B): LCB  mean_h v - rho std_h v (ddof 0), or  min_h v."""
+    if kind == "lcb":
+        return v.mean(0) - rho * v.std(0, correction=0)
+    return v.min(0).values
+
+
+def td_target(reward: torch.Tensor, terminal: torch.Tensor, next_value: torch.Tensor, gamma: float):
+    """Section 3. y = r + gamma (1 - terminal) V(s'). All (B,)."""
+    return reward + gamma * (1 - terminal) * next_value
+
+
+def critic_loss(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Section 3. Mean over critics and batch of (Q_h(s, a) - y)^2. q (H, B), y (B,)."""
+    return (q - y).pow(2).mean()
+
+
+def q_gradient(critic: nn.Module, s: torch.Tensor, x_t: torch.Tensor, q_norm: torch.Tensor) -> torch.Tensor:
+    """Section 2. g = grad_{x_t} mean_h Q_h(s, x_t) / (Q_norm + 1e-6), taken at the NOISY action. (B, A)."""
+    x_t = x_t.detach().requires_grad_(True)
+    q = critic(s, x_t).mean(0)  # (B,)
+    (g,) = torch.autograd.grad(q.sum(), x_t)
+    return g / (q_norm + 1e-6)
+
+
+def bc_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Section 2. Noise regression: mean((eps_theta - eps)^2)."""
+    return (eps_pred - eps).pow(2).mean()
+
+
+def soft_guidance_loss(eps_pred, g, noise_level):
+    """Section 2. mean(sqrt(1 - abar_t) g . eps_theta): with eta * bc this is eta times the expanded square
+    ||eps_theta - eps + sqrt(1 - abar_t) g / (2 eta)||^2 up to a constant (Theorem 1's soft Q-guidance)."""
+    return (noise_level * g * eps_pred).mean()
+
+
+def hard_guidance_loss(eps_pred, g):
+    """Section 2 (ablation). mean(g . eps_theta), without the noise-level factor."""
+    return (g * eps_pred).mean()
+
+
+def denoised_guidance_loss(critic, s, a0, q_norm):
+    """Section 2 (ablation, Diffusion-QL style). -mean_h Q_h(s, a0) / (Q_norm + 1e-6), a0 sampled WITH grads."""
+    return -critic(s, a0).mean() / (q_norm + 1e-6)
+
+
+def dual_ascent_eta(eta, bc_after, bc_threshold: float, eta_lr: float):
+    """Section 2. eta <- clip(eta + eta_lr clip(bc' - b, -1, 1), 0.001, 100)."""
+    return (eta + eta_lr * (bc_after - bc_threshold).clamp(-1, 1)).clamp(1e-3, 100.0)
+
+
+def cosine_lr(base_lr: float, step: torch.Tensor, total: int) -> torch.Tensor:
+    """Section 6. base_lr * (1 + cos(pi min(step, total) / total)) / 2."""
+    return base_lr * 0.5 * (1 + torch.cos(math.pi * step.clamp(max=total) / total))
+
+
+def pick_best(actions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Section 4. actions (B, N, A), q (B, N) -> the argmax-Q action of each state, clipped to [-1, 1]. (B, A)"""
+    best = q.argmax(dim=1)  # (B,)
+    return actions[torch.arange(actions.shape[0], device=actions.device), best].clamp(-1, 1)
+
+
+# ======================================================================================================
+# The agent and its update step
+# ======================================================================================================
+class DAC(nn.Module):
+    """Actor, target actor (EMA), critic ensemble, target critics, eta and the step counter, plus their
+    optimisers. `update` is the whole gradient step; it runs the same eagerly or captured as a CUDA graph."""
+
+    def __init__(self, cfg: Config, obs_dim: int, act_dim: int, device: torch.device):
+        super().__init__()
+        self.cfg = cfg
+        self.actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim)
+        self.target_actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim)
+        self.critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs)
+        self.target_critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs)
+        self.target_actor.load_state_dict(self.actor.state_dict())
+        self.target_critic.load_state_dict(self.critic.state_dict())
+        self.target_actor.requires_grad_(False)
+        self.target_critic.requires_grad_(False)
+        for name, value in vp_schedule(cfg.T).items():
+            self.register_buffer(name, value)
+        self.register_buffer("eta", torch.tensor(float(cfg.eta)))
+        self.register_buffer("step", torch.tensor(0, dtype=torch.long))
+        self.to(device)
+        self.gen = torch.Generator(device).manual_seed(cfg.seed)  # all of this agent's training randomness
+        # Tensor learning rates are set inside the step, so the schedule lives in the captured graph too.
+        fused = dict(fused=True, capturable=device.type == "cuda")
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=torch.tensor(cfg.actor_lr, device=device),
+                                          **fused)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(),
+                                           lr=torch.tensor(cfg.critic_lr, device=device), **fused)
+
+    @property
+    def sched(self) -> dict:
+        return {"alphas": self.alphas, "betas": self.betas, "abar": self.abar}
+
+    def _optimise(self, opt, params, loss, base_lr):
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
+        opt.param_groups[0]["lr"].copy_(cosine_lr(base_lr, self.step, self.cfg.steps))
+        opt.step()
+
+    def update(self, batch: Batch) -> torch.Tensor:
+        """One gradient step: critic, Polyak, actor, eta, target actor. Returns the metrics as one (6,) tensor
+        (critic_loss, bc_loss, guidance_loss, eta, q_mean, q_ensemble_std) without syncing with the host."""
+        cfg, (s, a, r, s2, done) = self.cfg, batch
+        B, N, H = s.shape[0], cfg.num_next_actions, cfg.num_qs
+
+        # --- critic: LCB target over N next actions from the target actor (section 3) ---
+        with torch.no_grad():
+            s2_rep = s2.repeat_interleave(N, dim=0)  # (B*N, S)
+            a2 = ddpm_sample(self.target_actor, s2_rep, self.sched, self.gen)  # (B*N, A)
+            v2 = self.target_critic(s2_rep, a2).view(H, B, N).mean(-1)  # (H, B)
+            y = td_target(r, done, ensemble_value(v2, cfg.q_target, cfg.rho), cfg.gamma)  # (B,)
+        q = self.critic(s, a)  # (H, B)
+        loss_q = critic_loss(q, y)
+        self._optimise(self.critic_opt, self.critic.parameters(), loss_q, cfg.critic_lr)
+        with torch.no_grad():
+            for p_target, p in zip(self.target_critic.parameters(), self.critic.parameters()):
+                p_target.lerp_(p, cfg.tau)
+
+        # --- actor: noise regression with the Q-gradient shift (section 2) ---
+        t = torch.randint(1, cfg.T + 1, (B,), device=s.device, generator=self.gen)  # (B,)
+        eps = torch.randn(a.shape, device=s.device, generator=self.gen)  # (B, A)
+        x_t = noisy_action(a, t, eps, self.abar)  # (B, A)
+        noise_level = (1 - self.abar[t]).sqrt().unsqueeze(-1)  # (B, 1)
+        with torch.no_grad():
+            q_norm = self.target_critic(s, a).abs().mean()
+        if cfg.guidance != "denoised":
+            g = q_gradient(self.target_critic, s, x_t, q_norm)  # (B, A)
+        eps_pred = self.actor(s, x_t, t)  # (B, A)
+        loss_bc = bc_loss(eps_pred, eps)
+        if cfg.guidance == "soft":
+            loss_guide = soft_guidance_loss(eps_pred, g, noise_level)
+        elif cfg.guidance == "hard":
+            loss_guide = hard_guidance_loss(eps_pred, g)
+        else:
+            a0 = ddpm_sample(self.actor, s, self.sched, self.gen)  # (B, A), with gradients through the chain
+            loss_guide = denoised_guidance_loss(self.target_critic, s, a0, q_norm)
+        self._optimise(self.actor_opt, self.actor.parameters(), self.eta * loss_bc + loss_guide, cfg.actor_lr)
+
+        with torch.no_grad():
+            if cfg.eta_lr > 0:  # dual ascent with the updated actor on the same (s, x_t, t, eps)
+                self.eta.copy_(dual_ascent_eta(self.eta, bc_loss(self.actor(s, x_t, t), eps),
+                                               cfg.bc_threshold, cfg.eta_lr))
+            due = (self.step % cfg.actor_ema_every == 0) & (self.step > cfg.actor_ema_start)
+            for p_target, p in zip(self.target_actor.parameters(), self.actor.parameters()):
+                p_target.lerp_(p, cfg.actor_ema_tau * due.float())
+            self.step += 1
+            return torch.stack([loss_q, loss_bc, loss_guide, self.eta, q.mean(), q.std(0, correction=0).mean()])
+
+    @torch.no_grad()
+    def act(self, states: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Policy extraction (section 4): N_a actions per state from the online actor, the argmax of the
+        ensemble-mean target Q. states (B, S) -> (B, A). One call for any number of states."""
+        B, N = states.shape[0], self.cfg.num_action_samples
+        s = states.repeat_interleave(N, dim=0)  # (B*N, S)
+        a = ddpm_sample(self.actor, s, self.sched, gen)  # (B*N, A)
+        q = self.target_critic(s, a).mean(0).view(B, N)  # (B, N)
+        return pick_best(a.view(B, N, -1), q)
+
+    def full_state(self) -> dict:
+        return {"nets": self.state_dict(), "actor_opt": self.actor_opt.state_dict(),
+                "critic_opt": self.critic_opt.state_dict(), "rng": self.gen.get_state()}
+
+    def load_full_state(self, state: dict) -> None:
+        self.load_state_dict(state["nets"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.gen.set_state(state["rng"])
+
+
+METRICS = ("critic_loss", "bc_loss", "guidance_loss", "eta", "q_mean", "q_ensemble_std")
+
+
+# ======================================================================================================
+# Fast path: the same step, captured once as a CUDA graph and replayed
+# ======================================================================================================
+class CapturedStep:
+    """Wraps `step_fn` (one whole gradient step, batch sampling included). The first `warmup` calls run it
+    eagerly on a side stream (CUDA graphs need that); the next call captures it as one CUDA graph; every later
+    call replays that graph. Each call is exactly one training step, so eager and fast runs count alike."""
+
+    def __init__(self, step_fn, gen: torch.Generator, warmup: int = 3):
+        self.step_fn, self.gen, self.warmup, self.calls = step_fn, gen, warmup, 0
+        self.graph = None
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                if self.calls < self.warmup:
+                    self.calls += 1
+                    self.step_fn()
+                else:
+                    self.graph = torch.cuda.CUDAGraph()
+                    self.graph.register_generator_state(self.gen)
+                    with torch.cuda.graph(self.graph, stream=side):
+                        self.step_fn()
+            torch.cuda.current_stream().wait_stream(side)
+            if self.graph is None:
+                return
+        self.graph.replay()
+
+
+def make_train_step(agent: DAC, data: DeviceData, metric_sum: torch.Tensor, fast: bool):
+    """One call = one gradient step on a fresh batch; its metrics are added to `metric_sum` on the device."""
+
+    def step() -> None:
+        metric_sum.add_(agent.update(data.sample(agent.cfg.batch_size, agent.gen)))
+
+    if fast and metric_sum.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default for float32 matmuls on GPUs
+        return CapturedStep(step, agent.gen)
+    return step
+
+
+# ======================================================================================================
+# Evaluation: all episodes at once in a Gymnasium vector env (D4RL normalised score, PAPER.md section 8)
+# ======================================================================================================
+def task_dims(env: str) -> tuple:
+    import gymnasium as gym
+
+    e = gym.make(TASKS[family_of(env)][0])
+    dims = e.observation_space.shape[0], e.action_space.shape[0]
+    e.close()
+    return dims
+
+
+def make_eval_envs(env: str, n: int):
+    import gymnasium as gym
+
+    return gym.make_vec(TASKS[family_of(env)][0], num_envs=n, vectorization_mode="sync")
+
+
+def evaluate(agent: DAC, envs, seed: int) -> np.ndarray:
+    """One episode per sub-environment, one batched policy call per time step. Returns the (n,) returns.
+    Uses its own generator, so evaluating never changes the training run's random stream."""
+    device = agent.step.device
+    gen = torch.Generator(device).manual_seed(seed)
+    obs, _ = envs.reset(seed=seed)
+    returns = np.zeros(envs.num_envs)
+    running = np.ones(envs.num_envs, dtype=bool)
+    while running.any():
+        action = agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), gen)  # (n, A)
+        obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
+        returns += reward * running
+        running &= ~(terminated | truncated)
+    return returns
+
+
+def normalized_score(env: str, returns) -> np.ndarray:
+    """100 (return - random) / (expert - random) with D4RL's reference returns."""
+    _, random_score, expert_score = TASKS[family_of(env)]
+    return 100 * (np.asarray(returns) - random_score) / (expert_score - random_score)
+
+
+def score_note(cfg: Config) -> str:
+    """The label every reported score carries: which task and data it comes from."""
+    task = TASKS[family_of(cfg.env)][0]
+    data = ", ".join(cfg.dataset) if cfg.dataset else f"default sources for {cfg.env}"
+    return (f"returns on Gymnasium {task} normalised with D4RL's {family_of(cfg.env)} constants; data: {data}. "
+            f"Not D4RL's {cfg.env} benchmark, so not directly comparable with the paper's table.")
+
+
+# ======================================================================================================
+# Main: outputs, checkpoints, the training loop, the command line
+# ======================================================================================================
+PROGRESS_COLUMNS = ("step", "return_mean", "return_std", "normalized_score", *METRICS, "steps_per_sec")
+
+
+class Diverged(Exception):
+    pass
+
+
+class Run:
+    """One seed's training: its agent, step function, history, and the files in its output folder."""
+
+    def __init__(self, cfg: Config, data: DeviceData, dims: tuple, device: torch.device):
+        self.cfg, self.out = cfg, Path(cfg.out)
+        torch.manual_seed(cfg.seed)  # network initialisation
+        self.agent = DAC(cfg, *dims, device)
+        self.metric_sum = torch.zeros(len(METRICS), device=device)
+        self.metric_count, self.history, self.wall_seconds = 0, [], 0.0
+        ckpt_path = self.out / "checkpoint.pt"
+        if cfg.resume:
+            if not ckpt_path.exists():
+                raise UserError(f"--resume: there is no checkpoint at {ckpt_path}. Start without --resume, or "
+                                f"point --out at the folder of the run to continue.")
+            self.load(load_checkpoint(ckpt_path, device, cfg))
+        elif ckpt_path.exists():
+            raise UserError(f"{ckpt_path} already exists. Continue that run with --resume, or choose another "
+                            f"--out (nothing was overwritten).")
+        self.step = int(self.agent.step)
+        self.step_fn = make_train_step(self.agent, data, self.metric_sum, cfg.fast)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        self.started = time.perf_counter()
+
+    def load(self, ckpt: dict) -> None:
+        self.agent.load_full_state(ckpt["agent"])
+        self.metric_sum.copy_(ckpt["metric_sum"])
+        self.metric_count, self.history, self.wall_seconds = ckpt["metric_count"], ckpt["history"], ckpt["wall"]
+
+    def train_one_step(self) -> None:
+        self.step_fn()
+        self.step += 1
+        self.metric_count += 1
+        if self.step % 1000 == 0:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        finite = torch.isfinite(self.metric_sum).tolist()
+        if not all(finite):
+            bad = [m for m, ok in zip(METRICS, finite) if not ok]
+            last = self.history[-1]["step"] if self.history else None
+            raise Diverged(
+                f"seed {self.cfg.seed}: training diverged before step {self.step}: {', '.join(bad)} became NaN or "
+                f"infinite. The last good checkpoint ({'step ' + str(last) if last else 'none was written'}) is "
+                f"kept in {self.out / 'checkpoint.pt'}. Try a smaller --actor-lr/--critic-lr, a larger --rho, or "
+                f"another --seed.")
+
+    def elapsed(self) -> float:
+        return self.wall_seconds + time.perf_counter() - self.started
+
+    def evaluate_and_save(self, envs, train_seconds: float) -> dict:
+        """Evaluate, append a progress row, rewrite every output file, checkpoint. Returns the row."""
+        self.check_finite()
+        returns = evaluate(self.agent, envs, seed=self.cfg.seed * 1_000_003 + self.step)
+        means = (self.metric_sum / max(self.metric_count, 1)).tolist()
+        row = {"step": self.step, "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+               "normalized_score": float(normalized_score(self.cfg.env, returns).mean()),
+               **dict(zip(METRICS, means)),
+               "steps_per_sec": self.metric_count / max(train_seconds, 1e-9)}
+        self.history.append(row)
+        self.metric_sum.zero_()
+        self.metric_count = 0
+        self.write_outputs()
+        self.save_checkpoint()
+        return row
+
+    def write_outputs(self) -> None:
+        with open(self.out / "progress.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=PROGRESS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.history)
+        scores = [r["normalized_score"] for r in self.history]
+        summary = {"final_score": float(np.mean(scores[-5:])), "best_score": float(np.max(scores)),
+                   "steps": self.step, "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env,
+                   "seed": self.cfg.seed, "note": score_note(self.cfg)}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_curve(self.history, self.out / "curve.png", f"DAC {self.cfg.env} seed {self.cfg.seed}")
+
+    def save_checkpoint(self) -> None:
+        ckpt = {"config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
+                "metric_sum": self.metric_sum.cpu(), "metric_count": self.metric_count,
+                "history": self.history, "wall": self.elapsed()}
+        tmp = self.out / "checkpoint.pt.tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, self.out / "checkpoint.pt")
+
+
+def plot_curve(history: list, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    ax1.plot(steps, [r["normalized_score"] for r in history], marker="o")
+    ax1.set_ylabel("normalised score\n(Gymnasium v5 task)")
+    ax1.set_title(title)
+    ax2.plot(steps, [r["eta"] for r in history], color="tab:orange")
+    ax2.set_ylabel("eta")
+    ax2.set_xlabel("gradient step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None) -> dict:
+    """Load a checkpoint; with `cfg`, refuse one whose learning-relevant settings differ from it."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        saved = ckpt["config"]
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). Expected a checkpoint.pt "
+                        f"written by dac.py.") from None
+    if cfg is not None:
+        differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(cfg).items()
+                  if k not in RUN_ONLY_FIELDS and saved.get(k) != v]
+        if differ:
+            raise UserError(f"checkpoint {path} comes from another configuration ({'; '.join(differ)}). Resume "
+                            f"with the same flags as the original run, or start a new run in another --out.")
+    return ckpt
+
+
+def train(cfgs: list, device: torch.device) -> None:
+    """Train one or several seeds on one device in lock-step (each seed's step on its own CUDA stream)."""
+    dims = task_dims(cfgs[0].env)
+    data = DeviceData(load_dataset(cfgs[0], *dims), device)
+    print(f"data: {data.size} transitions from {', '.join(cfgs[0].dataset or default_sources(cfgs[0].env))}")
+    runs = [Run(cfg, data, dims, device) for cfg in cfgs]
+    envs = make_eval_envs(cfgs[0].env, cfgs[0].eval_episodes)
+    streams = [torch.cuda.Stream() if device.type == "cuda" else None for _ in runs]
+    total = cfgs[0].steps
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    from tqdm import tqdm
+
+    bar = tqdm(total=total * len(runs), initial=sum(r.step for r in runs), unit="step", disable=None)
+    try:
+        while not interrupted and any(r.step < total for r in runs):
+            tic = time.perf_counter()
+            todo = [(r, s) for r, s in zip(runs, streams) if r.step < total]
+            stop = min(min(total, (r.step // r.cfg.eval_every + 1) * r.cfg.eval_every) for r, _ in todo)
+            while not interrupted and todo[0][0].step < stop:
+                for run, stream in todo:
+                    with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                        run.train_one_step()
+                bar.update(len(todo))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - tic
+            for run, _ in todo:
+                if run.step % run.cfg.eval_every == 0 or run.step == total:
+                    row = run.evaluate_and_save(envs, seconds)
+                    bar.write(f"seed {run.cfg.seed} step {row['step']}: score {row['normalized_score']:.1f} "
+                              f"(return {row['return_mean']:.0f}), eta {row['eta']:.3f}, "
+                              f"{row['steps_per_sec']:.0f} steps/s")
+                    bar.set_postfix(score=f"{row['normalized_score']:.1f}", sps=f"{row['steps_per_sec']:.0f}")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        bar.close()
+        envs.close()
+    if interrupted:
+        for run in runs:
+            run.save_checkpoint()
+        print(f"interrupted: checkpoints saved at step {runs[0].step}; continue with the same command + --resume")
+        sys.exit(130)
+    for run in runs:
+        print(f"seed {run.cfg.seed}: done, outputs in {run.out} "
+              f"(final score {json.loads((run.out / 'summary.json').read_text())['final_score']:.1f})")
+
+
+def eval_only(cfg: Config, given: set, device: torch.device) -> None:
+    ckpt = load_checkpoint(Path(cfg.eval_only), device)
+    saved = Config(**ckpt["config"])
+    clash = [k for k in given if k not in RUN_ONLY_FIELDS and getattr(cfg, k) != getattr(saved, k)]
+    if clash:
+        raise UserError(f"--eval-only {cfg.eval_only}: the checkpoint was trained with other settings for "
+                        f"{', '.join('--' + k.replace('_', '-') for k in clash)}; drop those flags (the checkpoint's "
+                        f"own configuration is used).")
+    torch.manual_seed(saved.seed)
+    agent = DAC(saved, *task_dims(saved.env), device)
+    agent.load_full_state(ckpt["agent"])
+    envs = make_eval_envs(saved.env, cfg.eval_episodes)
+    returns = evaluate(agent, envs, seed=saved.seed * 1_000_003 + int(agent.step))
+    envs.close()
+    result = {"checkpoint": cfg.eval_only, "step": int(agent.step), "episodes": cfg.eval_episodes,
+              "return_mean": float(returns.mean()), "return_std": float(returns.std()),
+              "normalized_score": float(normalized_score(saved.env, returns).mean()), "note": score_note(saved)}
+    print(json.dumps(result, indent=2))
+
+
+def parse_config(argv: list | None = None) -> tuple:
+    """Command line generated from Config: presets for --env first, then every flag given overrides them.
+    Returns (config, names of the flags given)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        meta, default = dict(f.metadata), Config().__getattribute__(f.name)
+        flag, help = "--" + f.name.replace("_", "-"), meta.pop("help")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+        elif isinstance(default, list):
+            parser.add_argument(flag, nargs="+", type=meta.pop("type", str), default=argparse.SUPPRESS, help=help,
+                                **meta)
+        else:
+            parser.add_argument(flag, type=type(default), default=argparse.SUPPRESS, help=help, **meta)
+    given = vars(parser.parse_args(argv))
+    cfg = Config(**{**PRESETS.get(given.get("env", Config.env), {}), **given})
+    check_config(cfg)
+    return cfg, set(given)
+
+
+def main(argv: list | None = None) -> None:
+    try:
+        cfg, given = parse_config(argv)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                              else cfg.device)
+        if cfg.eval_only:
+            return eval_only(cfg, given, device)
+        seeds = cfg.seeds or [cfg.seed]
+        base = cfg.out or f"runs/{cfg.env}"
+        cfgs = [dataclasses.replace(cfg, seed=s, seeds=[],
+                                    out=cfg.out if cfg.out and not cfg.seeds else f"{base}/seed{s}")
+                for s in seeds]
+        print("config:", json.dumps({k: v for k, v in dataclasses.asdict(cfgs[0]).items()}, indent=None))
+        print(f"device: {device}{' (fast path: CUDA graph)' if cfg.fast and device.type == 'cuda' else ''}; "
+              f"seeds {seeds}; outputs in {', '.join(c.out for c in cfgs)}")
+        train(cfgs, device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
