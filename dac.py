@@ -72,8 +72,10 @@ class Config:
     eval_only: str = arg("", "evaluate the agent in this checkpoint and exit")
     fast: bool = arg(True, "CUDA: replay the whole gradient step as one CUDA graph (--no-fast: eager)")
     # --- actor: diffusion policy and Q-guidance (paper sections 2, 4, 5)
-    guidance: str = arg("soft", "Q-guidance of the actor loss", choices=["soft", "hard", "denoised"])
+    guidance: str = arg("soft", "Q-guidance of the actor loss ('none': plain diffusion behaviour cloning)",
+                        choices=["soft", "hard", "denoised", "none"])
     T: int = arg(5, "diffusion steps")
+    clip_sample: bool = arg(True, "clip the sampler's x0 estimate to [-1, 1] at every reverse step")
     eta: float = arg(1.0, "initial weight of the behaviour-cloning term (KL constraint strength)")
     eta_lr: float = arg(1e-3, "dual-ascent step size for eta (0 keeps eta fixed)")
     bc_threshold: float = arg(1.0, "b: eta rises while the noise-regression loss exceeds b, falls below it")
@@ -509,18 +511,24 @@ class DAC(nn.Module):
         opt.param_groups[0]["lr"].copy_(cosine_lr(base_lr, self.step, self.cfg.steps))
         opt.step()
 
+    @torch.no_grad()
+    def critic_target(self, batch: Batch) -> torch.Tensor:
+        """Section 3. y = r + gamma (1 - terminal) LCB_h(mean_n Q'_h(s', a'_n)), a'_n ~ target actor. (B,)"""
+        B, N, H = batch.obs.shape[0], self.cfg.num_next_actions, self.cfg.num_qs
+        s2 = batch.next_obs.repeat_interleave(N, dim=0)  # (B*N, S)
+        a2 = ddpm_sample(self.target_actor, s2, self.sched, self.gen, self.cfg.clip_sample)  # (B*N, A)
+        v2 = self.target_critic(s2, a2).view(H, B, N).mean(-1)  # (H, B)
+        return td_target(batch.rew, batch.terminal, ensemble_value(v2, self.cfg.q_target, self.cfg.rho),
+                         self.cfg.gamma)
+
     def update(self, batch: Batch) -> torch.Tensor:
         """One gradient step: critic, Polyak, actor, eta, target actor. Returns the metrics as one (6,) tensor
         (critic_loss, bc_loss, guidance_loss, eta, q_mean, q_ensemble_std) without syncing with the host."""
-        cfg, (s, a, r, s2, done) = self.cfg, batch
-        B, N, H = s.shape[0], cfg.num_next_actions, cfg.num_qs
+        cfg, (s, a, _, _, _) = self.cfg, batch
+        B = s.shape[0]
 
-        # --- critic: LCB target over N next actions from the target actor (section 3) ---
-        with torch.no_grad():
-            s2_rep = s2.repeat_interleave(N, dim=0)  # (B*N, S)
-            a2 = ddpm_sample(self.target_actor, s2_rep, self.sched, self.gen)  # (B*N, A)
-            v2 = self.target_critic(s2_rep, a2).view(H, B, N).mean(-1)  # (H, B)
-            y = td_target(r, done, ensemble_value(v2, cfg.q_target, cfg.rho), cfg.gamma)  # (B,)
+        # --- critic (section 3) ---
+        y = self.critic_target(batch)  # (B,)
         q = self.critic(s, a)  # (H, B)
         loss_q = critic_loss(q, y)
         self._optimise(self.critic_opt, self.critic.parameters(), loss_q, cfg.critic_lr)
@@ -535,7 +543,7 @@ class DAC(nn.Module):
         noise_level = (1 - self.abar[t]).sqrt().unsqueeze(-1)  # (B, 1)
         with torch.no_grad():
             q_norm = self.target_critic(s, a).abs().mean()
-        if cfg.guidance != "denoised":
+        if cfg.guidance in ("soft", "hard"):
             g = q_gradient(self.target_critic, s, x_t, q_norm)  # (B, A)
         eps_pred = self.actor(s, x_t, t)  # (B, A)
         loss_bc = bc_loss(eps_pred, eps)
@@ -543,9 +551,11 @@ class DAC(nn.Module):
             loss_guide = soft_guidance_loss(eps_pred, g, noise_level)
         elif cfg.guidance == "hard":
             loss_guide = hard_guidance_loss(eps_pred, g)
-        else:
-            a0 = ddpm_sample(self.actor, s, self.sched, self.gen)  # (B, A), with gradients through the chain
+        elif cfg.guidance == "denoised":
+            a0 = ddpm_sample(self.actor, s, self.sched, self.gen, cfg.clip_sample)  # (B, A), grads through chain
             loss_guide = denoised_guidance_loss(self.target_critic, s, a0, q_norm)
+        else:
+            loss_guide = torch.zeros((), device=s.device)
         self._optimise(self.actor_opt, self.actor.parameters(), self.eta * loss_bc + loss_guide, cfg.actor_lr)
 
         with torch.no_grad():
@@ -564,7 +574,7 @@ class DAC(nn.Module):
         ensemble-mean target Q. states (B, S) -> (B, A). One call for any number of states."""
         B, N = states.shape[0], self.cfg.num_action_samples
         s = states.repeat_interleave(N, dim=0)  # (B*N, S)
-        a = ddpm_sample(self.actor, s, self.sched, gen)  # (B*N, A)
+        a = ddpm_sample(self.actor, s, self.sched, gen, self.cfg.clip_sample)  # (B*N, A)
         q = self.target_critic(s, a).mean(0).view(B, N)  # (B, N)
         return pick_best(a.view(B, N, -1), q)
 
