@@ -332,9 +332,16 @@ def ddpm_sample(actor: nn.Module, state: torch.Tensor, sched: dict, gen: torch.G
                 clip_x0: bool = True) -> torch.Tensor:
     """Reverse chain x_T ~ N(0, I) -> x_0 with the DDPM posterior mean written through x0_hat (section 5).
     state (M, S) -> actions (M, A). Gradients flow through the chain unless the caller disables them."""
+    T = len(sched["alphas"]) - 1
+    noise = torch.randn(T, state.shape[0], actor.act_dim, device=state.device, generator=gen)  # (T, M, A)
+    return denoise(actor, state, noise, sched, clip_x0)
+
+
+def denoise(actor: nn.Module, state: torch.Tensor, noise: torch.Tensor, sched: dict, clip_x0: bool):
+    """The deterministic part of `ddpm_sample`: noise[0] is x_T, noise[T - t + 1] the noise added at step t."""
     alphas, betas, abar = sched["alphas"], sched["betas"], sched["abar"]
     M, T = state.shape[0], len(alphas) - 1
-    x = torch.randn(M, actor.act_dim, device=state.device, generator=gen)  # (M, A)
+    x = noise[0]  # (M, A)
     for t in range(T, 0, -1):
         eps = actor(state, x, torch.full((M,), t, device=state.device, dtype=torch.long))  # (M, A)
         x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
@@ -342,7 +349,7 @@ def ddpm_sample(actor: nn.Module, state: torch.Tensor, sched: dict, gen: torch.G
             x0 = x0.clamp(-1, 1)
         x = (abar[t - 1].sqrt() * betas[t] * x0 + alphas[t].sqrt() * (1 - abar[t - 1]) * x) / (1 - abar[t])
         if t > 1:
-            x = x + betas[t].sqrt() * torch.randn(x.shape, device=x.device, generator=gen)
+            x = x + betas[t].sqrt() * noise[T - t + 1]
     return x
 
 
@@ -387,7 +394,9 @@ class VectorizedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(x, self.weight) + self.bias  # (H, M, out)
+        if x.dim() == 2:
+            x = x.expand(self.weight.shape[0], -1, -1)  # the same input for every member
+        return torch.baddbmm(self.bias, x, self.weight)  # (H, M, out)
 
 
 class EnsembleCritic(nn.Module):
@@ -463,6 +472,14 @@ def cosine_lr(base_lr: float, step: torch.Tensor, total: int) -> torch.Tensor:
     return base_lr * 0.5 * (1 + torch.cos(math.pi * step.clamp(max=total) / total))
 
 
+@torch.no_grad()
+def soft_update_(target: nn.Module, source: nn.Module, rate) -> None:
+    """Section 6. Polyak / EMA averaging, target <- target + rate (source - target), for all parameters at once.
+    `rate` may be a tensor (the actor's EMA is gated on the step count inside the step)."""
+    targets, sources = list(target.parameters()), list(source.parameters())
+    torch._foreach_add_(targets, torch._foreach_mul(torch._foreach_sub(sources, targets), rate))
+
+
 def pick_best(actions: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Section 4. actions (B, N, A), q (B, N) -> the argmax-Q action of each state, clipped to [-1, 1]. (B, A)"""
     best = q.argmax(dim=1)  # (B,)
@@ -532,9 +549,7 @@ class DAC(nn.Module):
         q = self.critic(s, a)  # (H, B)
         loss_q = critic_loss(q, y)
         self._optimise(self.critic_opt, self.critic.parameters(), loss_q, cfg.critic_lr)
-        with torch.no_grad():
-            for p_target, p in zip(self.target_critic.parameters(), self.critic.parameters()):
-                p_target.lerp_(p, cfg.tau)
+        soft_update_(self.target_critic, self.critic, cfg.tau)
 
         # --- actor: noise regression with the Q-gradient shift (section 2) ---
         t = torch.randint(1, cfg.T + 1, (B,), device=s.device, generator=self.gen)  # (B,)
@@ -563,8 +578,7 @@ class DAC(nn.Module):
                 self.eta.copy_(dual_ascent_eta(self.eta, bc_loss(self.actor(s, x_t, t), eps),
                                                cfg.bc_threshold, cfg.eta_lr))
             due = (self.step % cfg.actor_ema_every == 0) & (self.step > cfg.actor_ema_start)
-            for p_target, p in zip(self.target_actor.parameters(), self.actor.parameters()):
-                p_target.lerp_(p, cfg.actor_ema_tau * due.float())
+            soft_update_(self.target_actor, self.actor, cfg.actor_ema_tau * due.float())
             self.step += 1
             return torch.stack([loss_q, loss_bc, loss_guide, self.eta, q.mean(), q.std(0, correction=0).mean()])
 
@@ -624,10 +638,15 @@ class CapturedStep:
 
 
 def make_train_step(agent: DAC, data: DeviceData, metric_sum: torch.Tensor, fast: bool):
-    """One call = one gradient step on a fresh batch; its metrics are added to `metric_sum` on the device."""
+    """One call = one gradient step on a fresh batch; its metrics are added to `metric_sum` on the device.
+    fast: torch.compile the update (fuses the element-wise work), and on CUDA replay it as a CUDA graph."""
+    update = agent.update
+    if fast:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one per seed
+        update = torch.compile(agent.update)
 
     def step() -> None:
-        metric_sum.add_(agent.update(data.sample(agent.cfg.batch_size, agent.gen)))
+        metric_sum.add_(update(data.sample(agent.cfg.batch_size, agent.gen)))
 
     if fast and metric_sum.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default for float32 matmuls on GPUs
@@ -653,16 +672,16 @@ def make_eval_envs(env: str, n: int):
     return gym.make_vec(TASKS[family_of(env)][0], num_envs=n, vectorization_mode="sync")
 
 
-def evaluate(agent: DAC, envs, seed: int) -> np.ndarray:
-    """One episode per sub-environment, one batched policy call per time step. Returns the (n,) returns.
-    Uses its own generator, so evaluating never changes the training run's random stream."""
-    device = agent.step.device
+def evaluate(act, envs, seed: int, device: torch.device) -> np.ndarray:
+    """One episode per sub-environment, one batched policy call `act(states, gen)` (DAC.act, or its compiled
+    version) per time step. Returns the (n,) returns. Uses its own generator, so evaluating never changes the
+    training run's random stream."""
     gen = torch.Generator(device).manual_seed(seed)
     obs, _ = envs.reset(seed=seed)
     returns = np.zeros(envs.num_envs)
     running = np.ones(envs.num_envs, dtype=bool)
     while running.any():
-        action = agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), gen)  # (n, A)
+        action = act(torch.as_tensor(obs, dtype=torch.float32, device=device), gen)  # (n, A)
         obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
         returns += reward * running
         running &= ~(terminated | truncated)
@@ -713,6 +732,7 @@ class Run:
                             f"--out (nothing was overwritten).")
         self.step = int(self.agent.step)
         self.step_fn = make_train_step(self.agent, data, self.metric_sum, cfg.fast)
+        self.act = torch.compile(self.agent.act) if cfg.fast else self.agent.act
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         self.started = time.perf_counter()
@@ -746,7 +766,7 @@ class Run:
     def evaluate_and_save(self, envs, train_seconds: float) -> dict:
         """Evaluate, append a progress row, rewrite every output file, checkpoint. Returns the row."""
         self.check_finite()
-        returns = evaluate(self.agent, envs, seed=self.cfg.seed * 1_000_003 + self.step)
+        returns = evaluate(self.act, envs, self.cfg.seed * 1_000_003 + self.step, self.metric_sum.device)
         means = (self.metric_sum / max(self.metric_count, 1)).tolist()
         row = {"step": self.step, "return_mean": float(returns.mean()), "return_std": float(returns.std()),
                "normalized_score": float(normalized_score(self.cfg.env, returns).mean()),
@@ -876,7 +896,8 @@ def eval_only(cfg: Config, given: set, device: torch.device) -> None:
     agent = DAC(saved, *task_dims(saved.env), device)
     agent.load_full_state(ckpt["agent"])
     envs = make_eval_envs(saved.env, cfg.eval_episodes)
-    returns = evaluate(agent, envs, seed=saved.seed * 1_000_003 + int(agent.step))
+    act = torch.compile(agent.act) if cfg.fast else agent.act
+    returns = evaluate(act, envs, saved.seed * 1_000_003 + int(agent.step), device)
     envs.close()
     result = {"checkpoint": cfg.eval_only, "step": int(agent.step), "episodes": cfg.eval_episodes,
               "return_mean": float(returns.mean()), "return_std": float(returns.std()),

@@ -1,0 +1,157 @@
+"""Throughput benchmark for dac.py: gradient steps/s (eager vs fast), acting latency, evaluation time, memory.
+
+    python bench/throughput.py [--devices cpu cuda] [--out bench/results.json]
+
+Shapes are the paper's defaults (B=256, H=10, N=10, N_a=10, T=5, hidden 256) at hopper (S=11, A=3) and
+walker2d (S=17, A=6) sizes, on random data resident on the device. Prints a table and writes JSON.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import dac  # noqa: E402
+
+SHAPES = {"hopper": (11, 3), "walker2d": (17, 6)}
+
+
+def random_data(obs_dim, act_dim, device, n=100_000):
+    rng = np.random.default_rng(0)
+    d = {"observations": rng.normal(size=(n, obs_dim)), "next_observations": rng.normal(size=(n, obs_dim)),
+         "actions": rng.uniform(-1, 1, size=(n, act_dim)), "rewards": rng.normal(size=n),
+         "terminals": (rng.random(n) < 0.01)}
+    return dac.DeviceData({k: v.astype(np.float32) for k, v in d.items()}, device)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def steps_per_sec(device, shape, fast, seeds=1, seconds=3.0, warmup=5):
+    """Aggregate gradient steps/s of `seeds` independent agents trained in lock-step (one stream each)."""
+    cfg = dac.Config(fast=fast, steps=2_000_000)
+    data = random_data(*shape, device)
+    agents, steps, streams = [], [], []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        agent = dac.DAC(dac.dataclasses.replace(cfg, seed=seed), *shape, device)
+        metric_sum = torch.zeros(len(dac.METRICS), device=device)
+        agents.append(agent)
+        steps.append(dac.make_train_step(agent, data, metric_sum, fast))
+        streams.append(torch.cuda.Stream() if device.type == "cuda" else None)
+
+    def round_():
+        for step, stream in zip(steps, streams):
+            if stream is None:
+                step()
+            else:
+                with torch.cuda.stream(stream):
+                    step()
+
+    for _ in range(warmup):
+        round_()
+    sync(device)
+    n, tic = 0, time.perf_counter()
+    while time.perf_counter() - tic < seconds:
+        for _ in range(10 if device.type == "cuda" else 1):
+            round_()
+            n += 1
+        sync(device)
+    elapsed = time.perf_counter() - tic
+    for agent in agents:
+        assert torch.isfinite(agent.eta).item()
+    return n * seeds / elapsed, agents[0]
+
+
+def act_latency_ms(agent, batch, device, fast, repeats=50):
+    gen = torch.Generator(device).manual_seed(0)
+    act = torch.compile(agent.act) if fast else agent.act
+    states = torch.randn(batch, agent.actor.net[0].in_features - agent.actor.act_dim - 32, device=device)
+    for _ in range(5):
+        act(states, gen).cpu()
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        act(states, gen).cpu()  # includes the copy back to the host, as when acting in an env
+        times.append(time.perf_counter() - tic)
+    return 1000 * float(np.median(times))
+
+
+def eval_seconds(agent, device, episodes=10, steps=1000):
+    """Seconds for a full-length evaluation: `episodes` environments stepped `steps` times (the time limit) with
+    one batched policy call per step. An untrained policy falls early, so episodes are not awaited."""
+    try:
+        envs = dac.make_eval_envs("hopper-medium-v2", episodes)
+    except Exception as e:  # gymnasium / mujoco missing
+        return f"n/a ({type(e).__name__})"
+    act = torch.compile(agent.act)
+    gen = torch.Generator(device).manual_seed(0)
+    obs, _ = envs.reset(seed=0)
+    act(torch.as_tensor(obs, dtype=torch.float32, device=device), gen)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        action = act(torch.as_tensor(obs, dtype=torch.float32, device=device), gen)
+        obs, *_ = envs.step(action.cpu().numpy())
+    envs.close()
+    return round(time.perf_counter() - tic, 2)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    p.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
+    p.add_argument("--seeds", type=int, default=4, help="seeds trained together in the multi-seed measurement")
+    p.add_argument("--out", default="bench/results.json")
+    args = p.parse_args()
+
+    rows = []
+    info = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    for name in args.devices:
+        device = torch.device(name)
+        seconds = args.seconds if name == "cuda" else max(args.seconds, 10.0)
+        for shape_name, shape in SHAPES.items():
+            for fast in (False, True):
+                if name == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                sps, agent = steps_per_sec(device, shape, fast, seconds=seconds)
+                row = {"device": name, "shape": shape_name, "mode": "fast" if fast else "eager", "seeds": 1,
+                       "steps_per_sec": round(sps, 1)}
+                if name == "cuda":
+                    row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+                if shape_name == "hopper":
+                    row["act_1_ms"] = round(act_latency_ms(agent, 1, device, fast), 2)
+                    row["act_10_ms"] = round(act_latency_ms(agent, 10, device, fast), 2)
+                    if fast:
+                        row["eval_10_episodes_s"] = eval_seconds(agent, device)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        if name == "cuda":
+            sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seeds=args.seeds, seconds=seconds)
+            row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": args.seeds,
+                   "steps_per_sec": round(sps, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    print(f"\n{info}")
+    cols = ["device", "shape", "mode", "seeds", "steps_per_sec", "act_1_ms", "act_10_ms", "eval_10_episodes_s",
+            "peak_mem_mib"]
+    print(" | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "")) for c in cols))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
