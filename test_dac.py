@@ -1,0 +1,899 @@
+"""Tests for dac.py that fail if the method is wrong (CPU, about two minutes: `python -m pytest -q`).
+
+1. The paper's arithmetic, in-process and fast: the VP schedule against PAPER.md section 5's table, the DDPM
+   reverse step against its formula, the LCB target, the soft loss against the paper's squared form, one whole
+   update step against a slow re-derivation from PAPER.md sections 2-3, eta's dual ascent, the argmax of policy
+   extraction, EMA/Polyak timing, the ensemble's independence, defaults and presets, data loading.
+2. The command line, as subprocesses (exit codes, stderr, no traceback): end-to-end runs on a tiny D4RL-layout
+   hdf5 file and a tiny local Minari dataset made here, exact resume after an interruption, every user error.
+
+Everything that trains uses tiny networks, a few dozen steps and one thread; the paper's sizes stay the defaults.
+CLI runs use the eager path (--no-fast); the fast path's equivalence with it is tested elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import dac
+
+REPO = Path(__file__).resolve().parent
+CPU = torch.device("cpu")
+S, A = 11, 3  # Hopper-v5 observation and action sizes
+
+# Paper sizes would take ~0.3 s a step on this CPU; every CLI run here uses these instead, on the eager path.
+TINY = ["--no-fast", "--eval-episodes", "2", "--hidden-dim", "32", "--batch-size", "16", "--num-qs", "3",
+        "--num-next-actions", "2", "--num-action-samples", "2", "--T", "3"]
+BASE_RUN = ["--env", "hopper-medium-v2", "--steps", "40", "--eval-every", "20", *TINY]
+PROGRESS_COLUMNS = ["step", "return_mean", "return_std", "normalized_score", "critic_loss", "bc_loss",
+                    "guidance_loss", "eta", "q_mean", "q_ensemble_std", "steps_per_sec"]
+HOPPER_RANDOM, HOPPER_EXPERT = -20.272305, 3234.3  # D4RL reference returns (PAPER.md section 8)
+
+# Runs dac.main with a real SIGINT delivered right after gradient step `argv[1]`: Ctrl-C at an exact step.
+INTERRUPT_AFTER_STEP = """
+import os, signal, sys
+import dac
+stop_at = int(sys.argv.pop(1))
+train_one_step = dac.Run.train_one_step
+def interrupting_step(self):
+    train_one_step(self)
+    if self.step == stop_at:
+        os.kill(os.getpid(), signal.SIGINT)
+dac.Run.train_one_step = interrupting_step
+dac.main(sys.argv[1:])
+"""
+
+
+# ======================================================================================================
+# Helpers: tiny datasets, the CLI, checks
+# ======================================================================================================
+def d4rl_arrays(episodes=(50, 50, 50, 50), obs_dim=S, act_dim=A, seed=0) -> dict:
+    """A flat D4RL-layout dataset: episodes alternate terminal / time-out endings; observations chain."""
+    rng = np.random.default_rng(seed)
+    parts = {k: [] for k in ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")}
+    for i, n in enumerate(episodes):
+        obs = rng.normal(size=(n + 1, obs_dim)).astype(np.float32)
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(rng.uniform(-1, 1, (n, act_dim)).astype(np.float32))
+        parts["rewards"].append(rng.uniform(0, 1 + i, n).astype(np.float32))
+        parts["terminals"].append(np.r_[np.zeros(n - 1, bool), [i % 2 == 1]])
+        parts["timeouts"].append(np.r_[np.zeros(n - 1, bool), [i % 2 == 0]])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def write_hdf5(path: Path, arrays: dict) -> Path:
+    with h5py.File(path, "w") as f:
+        for k, v in arrays.items():
+            f[k] = v
+    return path
+
+
+def write_minari(root: Path, dataset_id: str, lengths=(30, 35, 40), obs_dim=S, act_dim=A, seed=0) -> int:
+    """A local Minari dataset under `root` (as MINARI_DATASETS_PATH) from numpy buffers. Returns its steps."""
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    rng = np.random.default_rng(seed)
+    buffers = [EpisodeBuffer(id=i, observations=rng.normal(size=(n + 1, obs_dim)),
+                             actions=rng.uniform(-1, 1, (n, act_dim)).astype(np.float32),
+                             rewards=rng.normal(size=n), terminations=np.r_[np.zeros(n - 1, bool), [i % 2 == 0]],
+                             truncations=np.r_[np.zeros(n - 1, bool), [i % 2 == 1]])
+               for i, n in enumerate(lengths)]
+    box = gym.spaces.Box
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        mp.setenv("MINARI_DATASETS_PATH", str(root))
+        warnings.simplefilter("ignore")  # Minari's advice to add an author, a description, ...
+        minari.create_dataset_from_buffers(
+            dataset_id, buffers, observation_space=box(-np.inf, np.inf, (obs_dim,), np.float64),
+            action_space=box(-1, 1, (act_dim,), np.float32), algorithm_name="test_dac")
+    return sum(lengths)
+
+
+def cli(args: list, env: dict, script: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python dac.py ARGS` (or `python -c SCRIPT ARGS`) in the repository, output captured."""
+    head = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / "dac.py")]
+    return subprocess.run([*head, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str, rc: int = 2) -> str:
+    """A user mistake: exit `rc`, no traceback, one short 'error:' paragraph on stderr containing `needles`."""
+    shown = f"exit {proc.returncode}\n--- stderr ---\n{proc.stderr[-4000:]}\n--- stdout ---\n{proc.stdout[-1500:]}"
+    assert "Traceback" not in proc.stderr + proc.stdout, shown
+    assert proc.returncode == rc, shown
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:") or ": error:" in line]
+    assert len(errors) == 1, shown
+    assert len(errors[0]) < 1200, f"message too long ({len(errors[0])} chars): {errors[0]}"
+    for needle in needles:
+        assert needle in errors[0], f"{needle!r} not in: {errors[0]}"
+    return errors[0]
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, \
+        f"exit {proc.returncode}\n{proc.stderr[-4000:]}\n{proc.stdout[-1500:]}"
+
+
+def assert_same(a, b, where="checkpoint"):
+    """Recursive exact equality of nested dicts/lists/tensors (dtype, shape and every value)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def tiny_agent(**overrides) -> dac.DAC:
+    cfg = dac.Config(**{**dict(hidden_dim=16, batch_size=8, num_qs=3, num_next_actions=4, num_action_samples=5,
+                               T=5, steps=100, seed=3), **overrides})
+    torch.manual_seed(0)
+    return dac.DAC(cfg, S, A, CPU)
+
+
+def random_batch(B=8, seed=1) -> dac.Batch:
+    g = torch.Generator().manual_seed(seed)
+    return dac.Batch(obs=torch.randn(B, S, generator=g), act=torch.rand(B, A, generator=g) * 2 - 1,
+                     rew=torch.randn(B, generator=g), next_obs=torch.randn(B, S, generator=g),
+                     terminal=(torch.arange(B) % 3 == 0).float())
+
+
+class RecordingCritic(nn.Module):
+    """Q_h(s, a) = (h + 1) * s[:, 0] + w . a, for h < H; remembers every input."""
+
+    def __init__(self, H: int, w=(1.0, 0.0, 0.0)):
+        super().__init__()
+        self.H, self.w, self.calls = H, torch.tensor(w), []
+
+    def forward(self, s, a):
+        self.calls.append((s.detach().clone(), a.detach().clone()))
+        h = torch.arange(1, self.H + 1, dtype=torch.float32).unsqueeze(-1)  # (H, 1)
+        return h * s[:, 0] + (a * self.w).sum(-1)  # (H, M)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks run fastest on one thread; with two, a busy 2-core machine makes them 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ws(tmp_path_factory):
+    """Shared workspace: a tiny hdf5 dataset, an isolated environment for subprocesses (offline, empty data
+    caches, one thread) and a folder for runs."""
+    root = tmp_path_factory.mktemp("ws")
+    (root / "d4rl_empty").mkdir()
+    (root / "minari_empty").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "D4RL_DATASET_DIR": str(root / "d4rl_empty"),
+           "MINARI_DATASETS_PATH": str(root / "minari_empty"), "MPLBACKEND": "Agg",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    hdf5 = write_hdf5(root / "tiny.hdf5", d4rl_arrays())
+    return SimpleNamespace(root=root, env=env, hdf5=hdf5, n=200)
+
+
+@pytest.fixture(scope="session")
+def base_run(ws):
+    """One uninterrupted 40-step run on the tiny hdf5 file (evaluations at 20 and 40)."""
+    out = ws.root / "base"
+    proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env)
+    assert_ok(proc)
+    return SimpleNamespace(out=out, proc=proc)
+
+
+# ======================================================================================================
+# Diffusion schedule and sampler (PAPER.md section 5)
+# ======================================================================================================
+def test_vp_schedule_matches_paper_table():
+    s = dac.vp_schedule(5)
+    assert all(len(v) == 6 for v in s.values())
+    assert s["alphas"][0] == 1 and s["betas"][0] == 0 and s["abar"][0] == 1
+    np.testing.assert_allclose(s["betas"][1:], [0.1959, 0.4588, 0.6358, 0.7549, 0.8350], atol=5e-5)
+    np.testing.assert_allclose(s["abar"][1:], [0.80413, 0.43518, 0.15850, 0.03885, 0.00641], atol=5e-6)
+    np.testing.assert_allclose(np.sqrt(1 - s["abar"][1:].numpy()), [0.4426, 0.7515, 0.9173, 0.9804, 0.9968],
+                               atol=5e-5)
+
+
+def test_vp_schedule_formula_for_other_T():
+    T = 50
+    t = np.arange(1, T + 1)
+    alphas = np.exp(-0.1 / T - 0.5 * (10 - 0.1) * (2 * t - 1) / T**2)
+    s = dac.vp_schedule(T)
+    np.testing.assert_allclose(s["alphas"][1:], alphas, rtol=1e-6)
+    np.testing.assert_allclose(s["betas"][1:], 1 - alphas, rtol=1e-5)
+    np.testing.assert_allclose(s["abar"][1:], np.cumprod(alphas), rtol=1e-5)
+
+
+def test_noisy_action_and_time_features():
+    abar = dac.vp_schedule(5)["abar"]
+    a, eps, t = torch.rand(4, A), torch.randn(4, A), torch.tensor([1, 2, 3, 5])
+    expected = abar[t].sqrt()[:, None] * a + (1 - abar[t]).sqrt()[:, None] * eps
+    torch.testing.assert_close(dac.noisy_action(a, t, eps, abar), expected)
+
+    feats = dac.timestep_features(torch.tensor([3]))  # (1, 16): 8 cos + 8 sin
+    f = np.exp(-np.log(10000) * np.arange(8) / 7)
+    np.testing.assert_allclose(feats[0].numpy(), np.r_[np.cos(3 * f), np.sin(3 * f)], atol=1e-6)
+
+
+class PointMassDenoiser(nn.Module):
+    """The exact noise predictor for data concentrated at a*: eps(x_t, t) = (x_t - sqrt(abar_t) a*) / sqrt(1-abar_t).
+    Remembers every x_t it is asked about."""
+
+    def __init__(self, target, abar):
+        super().__init__()
+        self.act_dim, self.target, self.abar, self.seen = len(target), torch.tensor(target), abar, []
+
+    def forward(self, s, x, t):
+        self.seen.append((int(t[0]), x.clone()))
+        ab = self.abar[t].unsqueeze(-1)
+        return (x - ab.sqrt() * self.target) / (1 - ab).sqrt()
+
+
+def test_ddpm_reverse_step_follows_paper_formula():
+    """With the exact predictor, x0_hat = a* at every step, so x_{t-1} - mean_t(x_t) must be sqrt(beta_t) z with
+    z ~ N(0, I) independent of x_t (mean_t: section 5's DDPM posterior mean), x_T ~ N(0, I), and the sample at
+    t = 1 (no noise) must be a* itself. Checked statistically, so it does not depend on the order of draws."""
+    T, M = 5, 20_000
+    sched = dac.vp_schedule(T)
+    al, be, ab = sched["alphas"], sched["betas"], sched["abar"]
+    target = [0.3, -0.5, 0.9]
+    net = PointMassDenoiser(target, ab)
+    out = dac.ddpm_sample(net, torch.zeros(M, 1), sched, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(out, torch.tensor(target).expand(M, A), atol=1e-5, rtol=0)
+
+    def assert_standard_normal(z, x=None):
+        assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.02, (z.mean(), z.std())
+        if x is not None:  # uncorrelated with the previous x, per action dimension
+            corr = ((z - z.mean(0)) * (x - x.mean(0))).mean(0) / (z.std(0) * x.std(0))
+            assert corr.abs().max() < 0.03, corr
+
+    assert [t for t, _ in net.seen] == [5, 4, 3, 2, 1]
+    assert_standard_normal(net.seen[0][1])
+    a0 = torch.tensor(target)
+    for (t, x_t), (_, x_next) in zip(net.seen, net.seen[1:]):
+        mean = (ab[t - 1].sqrt() * be[t] * a0 + al[t].sqrt() * (1 - ab[t - 1]) * x_t) / (1 - ab[t])
+        assert_standard_normal((x_next - mean) / be[t].sqrt(), x_t)
+
+
+def test_sampler_output_in_action_range():
+    torch.manual_seed(0)
+    actor = dac.NoiseMLP(S, A, hidden=32)
+    with torch.no_grad():
+        actor.net[-1].weight.mul_(300)  # a wild, untrained noise predictor
+    sched, states = dac.vp_schedule(5), torch.randn(256, S)
+    a = dac.ddpm_sample(actor, states, sched, torch.Generator().manual_seed(0))
+    assert a.shape == (256, A) and torch.isfinite(a).all()
+    assert a.abs().max() <= 1.0
+    unclipped = dac.ddpm_sample(actor, states, sched, torch.Generator().manual_seed(0), clip_x0=False)
+    assert unclipped.abs().max() > 1.0  # so it is the x0-clipping that keeps samples in range
+
+    agent = tiny_agent()
+    with torch.no_grad():
+        agent.actor.net[-1].weight.mul_(300)
+    acts = agent.act(torch.randn(32, S), torch.Generator().manual_seed(1))
+    assert acts.shape == (32, A) and acts.abs().max() <= 1.0
+
+
+# ======================================================================================================
+# Critic: LCB target (PAPER.md section 3)
+# ======================================================================================================
+def test_lcb_arithmetic():
+    v = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]])  # (H=3, B=2)
+    std = np.array([math.sqrt(8 / 3), math.sqrt(26 / 3)])  # ddof 0
+    np.testing.assert_allclose(dac.ensemble_value(v, "lcb", 1.5), np.array([3.0, 5.0]) - 1.5 * std, rtol=1e-6)
+    np.testing.assert_allclose(dac.ensemble_value(v, "lcb", 0.0), [3.0, 5.0])
+    np.testing.assert_allclose(dac.ensemble_value(v, "min", 1.5), [1.0, 2.0])
+    y = dac.td_target(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0]), torch.tensor([10.0, 10.0]), 0.9)
+    np.testing.assert_allclose(y, [10.0, 2.0])
+    q = torch.tensor([[1.0, 2.0], [3.0, 6.0]])  # (H=2, B=2)
+    assert dac.critic_loss(q, torch.tensor([1.0, 2.0])).item() == pytest.approx((0 + 0 + 4 + 16) / 4)
+
+
+def count_calls(*modules) -> list:
+    """Forward calls of each module, counted by pre-hooks (independent of how the code calls them)."""
+    counts = [0] * len(modules)
+    for i, m in enumerate(modules):
+        m.register_forward_pre_hook(lambda mod, args, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def test_critic_target_uses_target_actor_and_lcb_over_n_next_actions():
+    agent = tiny_agent(rho=1.5, gamma=0.9)
+    agent.target_critic = RecordingCritic(agent.cfg.num_qs, w=(1.0, -2.0, 0.5))
+    calls = count_calls(agent.actor, agent.target_actor)
+    batch = random_batch()
+    y = agent.critic_target(batch)
+
+    B, N, H, T = 8, agent.cfg.num_next_actions, agent.cfg.num_qs, agent.cfg.T
+    assert calls == [0, T]  # the next actions come from the target (EMA) actor's reverse chain
+    s2, a2 = agent.target_critic.calls[-1]
+    torch.testing.assert_close(s2, batch.next_obs.repeat_interleave(N, 0))  # N actions per next state
+    q = (np.arange(1, H + 1)[:, None] * s2[:, 0].numpy() + a2.numpy() @ np.array([1.0, -2.0, 0.5]))  # (H, B*N)
+    v = q.reshape(H, B, N).mean(-1)  # (H, B)
+    expected = batch.rew.numpy() + 0.9 * (1 - batch.terminal.numpy()) * (v.mean(0) - 1.5 * v.std(0))
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ======================================================================================================
+# Actor: soft Q-guidance (PAPER.md sections 1-2)
+# ======================================================================================================
+def test_soft_loss_has_the_gradient_of_the_papers_squared_form():
+    """eta * bc + soft guidance == eta * mean||eps_theta - eps + (1/eta) sqrt(1-abar_t) (g/2)||^2 + const
+    (the paper's square, its factor 2 absorbed into g): same gradient w.r.t. eps_theta, and that gradient
+    vanishes at eps_theta = eps - sqrt(1-abar_t) g / (2 eta), the shifted target of Theorem 1."""
+    gen = torch.Generator().manual_seed(0)
+    B, eta = 64, 0.7
+    eps, g = torch.randn(B, A, generator=gen), torch.randn(B, A, generator=gen)
+    t = torch.randint(1, 6, (B,), generator=gen)
+    noise_level = (1 - dac.vp_schedule(5)["abar"][t]).sqrt().unsqueeze(-1)  # (B, 1)
+
+    def ours(e):
+        return eta * dac.bc_loss(e, eps) + dac.soft_guidance_loss(e, g, noise_level)
+
+    def paper(e):
+        return eta * ((e - eps + noise_level * (g / 2) / eta) ** 2).mean()
+
+    grads, values = [], []
+    for e0 in (torch.randn(B, A, generator=gen), torch.randn(B, A, generator=gen) * 3):
+        for f in (ours, paper):
+            e = e0.clone().requires_grad_(True)
+            value = f(e)
+            (grad,) = torch.autograd.grad(value, e)
+            grads.append(grad)
+            values.append(value.item())
+        torch.testing.assert_close(grads[-2], grads[-1], rtol=1e-5, atol=1e-7)
+    assert values[0] - values[1] == pytest.approx(values[2] - values[3], abs=1e-5)  # differ by a constant
+
+    e = (eps - noise_level * g / (2 * eta)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(ours(e), e)
+    assert grad.abs().max() < 1e-6
+
+    e = torch.randn(B, A, generator=gen).requires_grad_(True)  # hard guidance: no noise-level factor
+    (grad,) = torch.autograd.grad(dac.hard_guidance_loss(e, g), e)
+    torch.testing.assert_close(grad, g / (B * A))
+
+
+def test_q_gradient_is_taken_at_the_noisy_action_and_normalised():
+    class Quadratic(nn.Module):  # Q_h(s, a) = -(h + 1) ||a - c||^2
+        def forward(self, s, a):
+            h = torch.arange(1, 4, dtype=torch.float32)[:, None]
+            return -h * ((a - torch.tensor([0.2, -0.1, 0.4])) ** 2).sum(-1)
+
+    x_t = torch.randn(5, A)
+    g = dac.q_gradient(Quadratic(), torch.zeros(5, S), x_t, torch.tensor(3.0))
+    torch.testing.assert_close(g, -2 * 2.0 * (x_t - torch.tensor([0.2, -0.1, 0.4])) / (3.0 + 1e-6))
+
+
+def record_inputs(module: nn.Module) -> list:
+    calls = []
+    module.register_forward_pre_hook(lambda mod, args: calls.append([x.detach().clone() for x in args]))
+    return calls
+
+
+def test_update_step_matches_a_slow_rederivation_of_the_paper():
+    """One DAC.update against PAPER.md sections 2-3 recomputed independently, on the random draws the step made
+    (read off the networks' inputs): the critic TD loss with the LCB target, Polyak, x_t, Q_norm, g at x_t,
+    bc, soft guidance, the actor and critic after one clipped Adam step on exactly those losses, eta's ascent."""
+    agent = tiny_agent(rho=1.5, eta=0.8, eta_lr=0.05, bc_threshold=0.5)
+    cfg, batch = agent.cfg, random_batch()
+    s, a, r, s2, d = batch
+    B, H, N = cfg.batch_size, cfg.num_qs, cfg.num_next_actions
+    actor0, critic0 = copy.deepcopy(agent.actor), copy.deepcopy(agent.critic)
+    target_actor0, target_critic0 = copy.deepcopy(agent.target_actor), copy.deepcopy(agent.target_critic)
+    actor_inputs, target_critic_inputs = record_inputs(agent.actor), record_inputs(agent.target_critic)
+
+    metrics = agent.update(batch)  # (critic_loss, bc_loss, guidance_loss, eta, q_mean, q_ensemble_std)
+
+    # --- critic: y = r + gamma (1 - d) (mean_h V_h - rho std_h V_h), V_h = mean over N next actions
+    s2_rep, a2 = next(c for c in target_critic_inputs if c[0].shape[0] == B * N)
+    torch.testing.assert_close(s2_rep, s2.repeat_interleave(N, 0))
+    with torch.no_grad():
+        v = target_critic0(s2_rep, a2).numpy().reshape(H, B, N).mean(-1)  # (H, B)
+    y = torch.tensor(r.numpy() + cfg.gamma * (1 - d.numpy()) * (v.mean(0) - cfg.rho * v.std(0)), dtype=torch.float32)
+    q = critic0(s, a)  # (H, B)
+    loss_q = ((q - y) ** 2).mean()
+    assert metrics[0].item() == pytest.approx(loss_q.item(), rel=1e-5)
+    assert metrics[4].item() == pytest.approx(q.mean().item(), rel=1e-5, abs=1e-6)
+    assert metrics[5].item() == pytest.approx(q.detach().numpy().std(0).mean(), rel=1e-5)
+    opt = torch.optim.Adam(critic0.parameters(), lr=cfg.critic_lr)
+    loss_q.backward()
+    nn.utils.clip_grad_norm_(critic0.parameters(), cfg.grad_clip)
+    opt.step()
+    for p_ref, p in zip(critic0.parameters(), agent.critic.parameters()):
+        torch.testing.assert_close(p, p_ref, atol=1e-7, rtol=1e-5)
+    for p0, p_new, p in zip(target_critic0.parameters(), agent.critic.parameters(), agent.target_critic.parameters()):
+        torch.testing.assert_close(p, p0 + cfg.tau * (p_new - p0), atol=1e-7, rtol=1e-5)
+
+    # --- actor: x_t must be a noisy DATASET action; g at x_t from the updated target critic
+    s_in, x_t, t = actor_inputs[0]
+    assert torch.equal(s_in, s) and t.dtype == torch.long and 1 <= t.min() and t.max() <= cfg.T
+    abar_t = dac.vp_schedule(cfg.T)["abar"][t][:, None]  # (B, 1)
+    eps = (x_t - abar_t.sqrt() * a) / (1 - abar_t).sqrt()  # the noise that made x_t
+    q_norm = agent.target_critic(s, a).abs().mean().detach()
+    x = x_t.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(agent.target_critic(s, x).mean(0).sum(), x)
+    g = g / (q_norm + 1e-6)
+    eps_pred = actor0(s, x_t, t)
+    bc = ((eps_pred - eps) ** 2).mean()
+    guide = ((1 - abar_t).sqrt() * g * eps_pred).mean()
+    assert metrics[1].item() == pytest.approx(bc.item(), rel=1e-4)
+    assert metrics[2].item() == pytest.approx(guide.item(), rel=1e-3, abs=1e-7)
+    opt = torch.optim.Adam(actor0.parameters(), lr=cfg.actor_lr)
+    (cfg.eta * bc + guide).backward()
+    nn.utils.clip_grad_norm_(actor0.parameters(), cfg.grad_clip)
+    opt.step()
+    for p_ref, p in zip(actor0.parameters(), agent.actor.parameters()):
+        torch.testing.assert_close(p, p_ref, atol=1e-6, rtol=1e-4)
+
+    # --- eta: dual ascent with the UPDATED actor on the same (s, x_t, t, eps)
+    with torch.no_grad():
+        bc_after = ((agent.actor(s, x_t, t) - eps) ** 2).mean().item()
+    eta = min(max(cfg.eta + cfg.eta_lr * min(max(bc_after - cfg.bc_threshold, -1), 1), 1e-3), 100)
+    assert agent.eta.item() == pytest.approx(eta, rel=1e-5)
+    assert metrics[3].item() == pytest.approx(eta, rel=1e-5)
+    assert int(agent.step) == 1
+    for p0, p in zip(target_actor0.parameters(), agent.target_actor.parameters()):
+        assert torch.equal(p0, p)  # step 0 is before actor_ema_start
+
+
+@pytest.mark.parametrize("guidance", ["hard", "denoised", "none"])
+def test_other_guidance_types_run(guidance):
+    """The ablations' actor losses (section 2) take a finite step; 'none' is plain diffusion behaviour cloning."""
+    agent = tiny_agent(guidance=guidance, q_target="min")
+    before = [p.clone() for p in agent.actor.parameters()]
+    metrics = agent.update(random_batch())
+    assert torch.isfinite(metrics).all()
+    assert any(not torch.equal(p0, p) for p0, p in zip(before, agent.actor.parameters()))
+    if guidance == "none":
+        assert metrics[2].item() == 0.0
+
+
+def test_eta_dual_ascent_direction_and_bounds():
+    f = lambda eta, bc, b, lr: dac.dual_ascent_eta(torch.tensor(eta), torch.tensor(bc), b, lr).item()
+    assert f(1.0, 3.0, 1.0, 0.1) == pytest.approx(1.1)  # bc > b: up, step clipped to lr * 1
+    assert f(1.0, 1.5, 1.0, 0.1) == pytest.approx(1.05)
+    assert f(1.0, 0.2, 1.0, 0.1) == pytest.approx(0.92)  # bc < b: down
+    assert f(1.0, 0.2, 5.0, 0.1) == pytest.approx(0.9)
+    assert f(99.99, 5.0, 1.0, 0.1) == pytest.approx(100.0)
+    assert f(0.0015, 0.0, 1.0, 0.1) == pytest.approx(0.001)
+
+    batch = random_batch()
+    for b, direction in ((0.0, +1), (50.0, -1)):
+        agent = tiny_agent(eta=1.0, eta_lr=0.01, bc_threshold=b)
+        for _ in range(3):
+            agent.update(batch)
+        assert (agent.eta.item() - 1.0) * direction > 0.005, (b, agent.eta.item())
+    agent = tiny_agent(eta=0.5, eta_lr=0.0, bc_threshold=0.0)
+    agent.update(batch)
+    assert agent.eta.item() == 0.5
+
+
+def test_target_actor_ema_and_cosine_lr_timing():
+    agent = tiny_agent(actor_ema_start=2, actor_ema_every=2, actor_ema_tau=0.5)
+    batch = random_batch()
+    for k in range(6):
+        before = [p.clone() for p in agent.target_actor.parameters()]
+        agent.update(batch)
+        lr = agent.actor_opt.param_groups[0]["lr"]
+        assert float(lr) == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * k / 100)), rel=1e-6)
+        due = k % 2 == 0 and k > 2  # only k = 4
+        for p0, p_actor, p in zip(before, agent.actor.parameters(), agent.target_actor.parameters()):
+            torch.testing.assert_close(p, p0 + 0.5 * (p_actor - p0) if due else p0)
+    steps = torch.tensor([0, 50, 100, 150])
+    np.testing.assert_allclose(dac.cosine_lr(1.0, steps, 100), [1.0, 0.5, 0.0, 0.0], atol=1e-7)
+
+
+# ======================================================================================================
+# Policy extraction (PAPER.md section 4)
+# ======================================================================================================
+def test_pick_best_is_the_argmax_and_clips():
+    actions = torch.tensor([[[0.1, 0.1], [0.5, -2.0], [0.3, 0.3]],
+                            [[1.5, 0.0], [0.0, 0.0], [-0.2, 0.9]]])  # (B=2, N=3, A=2)
+    q = torch.tensor([[0.0, 5.0, 1.0], [9.0, -1.0, 8.9]])
+    torch.testing.assert_close(dac.pick_best(actions, q), torch.tensor([[0.5, -1.0], [1.0, 0.0]]))
+
+
+def test_act_samples_online_actor_and_takes_argmax_of_target_q():
+    agent = tiny_agent(num_action_samples=7)
+    agent.target_critic = RecordingCritic(agent.cfg.num_qs, w=(1.0, 0.0, 0.0))  # best = largest a[0]
+    calls = count_calls(agent.actor, agent.target_actor)
+    states = torch.randn(4, S)
+    acts = agent.act(states, torch.Generator().manual_seed(5))
+    assert calls == [agent.cfg.T, 0]  # sampled from the online actor, not the EMA one
+    s_rep, candidates = agent.target_critic.calls[-1]
+    torch.testing.assert_close(s_rep, states.repeat_interleave(7, 0))
+    candidates = candidates.view(4, 7, A)
+    expected = candidates[torch.arange(4), candidates[..., 0].argmax(1)]
+    torch.testing.assert_close(acts, expected)
+
+
+# ======================================================================================================
+# Networks, defaults, presets, normalisation
+# ======================================================================================================
+def test_ensemble_members_are_independent_mlps():
+    torch.manual_seed(0)
+    critic = dac.EnsembleCritic(S, A, hidden=16, num_qs=4)
+    s, a = torch.randn(6, S), torch.randn(6, A)
+    q = critic(s, a)  # (H, M)
+    assert q.shape == (4, 6)
+    x = torch.cat([s, a], -1)
+    for h in range(4):
+        z = x
+        for i, layer in enumerate(critic.net[::2]):
+            z = z @ layer.weight[h] + layer.bias[h]
+            if i < 3:
+                z = nn.functional.mish(z)
+        torch.testing.assert_close(q[h], z.squeeze(-1))
+    with torch.no_grad():
+        critic.net[0].weight[0].add_(1.0)
+    q2 = critic(s, a)
+    assert not torch.allclose(q2[0], q[0]) and torch.equal(q2[1:], q[1:])
+
+    actor = dac.NoiseMLP(S, A)
+    assert [m.out_features for m in actor.net if isinstance(m, nn.Linear)] == [256, 256, 256, A]
+    assert [m.out_features for m in actor.time_mlp if isinstance(m, nn.Linear)] == [32, 32]
+    assert actor.time_mlp[0].in_features == 16 and sum(isinstance(m, nn.Mish) for m in actor.net) == 3
+
+
+def test_defaults_are_the_papers_and_presets_apply_before_flags():
+    c = dac.Config()
+    paper = dict(T=5, batch_size=256, actor_lr=3e-4, critic_lr=3e-4, grad_clip=1.0, gamma=0.99, steps=2_000_000,
+                 actor_ema_tau=0.005, actor_ema_every=5, actor_ema_start=1000, num_qs=10, num_next_actions=10,
+                 num_action_samples=10, tau=0.005, eval_every=10_000, eval_episodes=10, eta=1.0, eta_lr=1e-3,
+                 q_target="lcb", hidden_dim=256, guidance="soft", clip_sample=True)
+    assert {k: getattr(c, k) for k in paper} == paper
+    expect = {"hopper-medium-v2": (1.5, 1.0), "hopper-medium-expert-v2": (1.5, 0.05),
+              "halfcheetah-medium-expert-v2": (0.0, 0.1), "halfcheetah-medium-replay-v2": (0.0, 1.0),
+              "walker2d-medium-replay-v2": (1.0, 1.0)}
+    for env, (rho, b) in expect.items():
+        cfg, _ = dac.parse_config(["--env", env])
+        assert (cfg.rho, cfg.bc_threshold) == (rho, b), env
+    cfg, given = dac.parse_config(["--env", "hopper-medium-expert-v2", "--rho", "2"])
+    assert (cfg.rho, cfg.bc_threshold) == (2.0, 0.05) and given == {"env", "rho"}
+
+
+def test_normalized_score_uses_d4rl_constants():
+    np.testing.assert_allclose(dac.normalized_score("hopper-medium-v2", [HOPPER_EXPERT, HOPPER_RANDOM]), [100, 0])
+    np.testing.assert_allclose(dac.normalized_score("halfcheetah-medium-v2", [12135.0, -280.178953]), [100, 0])
+    np.testing.assert_allclose(dac.normalized_score("walker2d-medium-v2", [4592.3, 1.629008]), [100, 0])
+
+
+# ======================================================================================================
+# Data (PAPER.md sections 6 and 9), in-process
+# ======================================================================================================
+def test_hdf5_without_next_observations_drops_timeouts_like_d4rl(tmp_path):
+    obs = np.arange(6 * S, dtype=np.float32).reshape(6, S)
+    path = write_hdf5(tmp_path / "x.hdf5", dict(observations=obs, actions=np.zeros((6, A)), rewards=np.arange(6.0),
+                                                terminals=np.zeros(6), timeouts=np.array([0, 0, 1, 0, 0, 0])))
+    d = dac.load_hdf5(str(path))
+    np.testing.assert_array_equal(d["rewards"], [0, 1, 3, 4])  # row 2 (time-out) and the last row dropped
+    np.testing.assert_array_equal(d["next_observations"], obs[[1, 2, 4, 5]])
+
+
+def test_load_dataset_concatenates_clips_and_rescales_rewards(tmp_path):
+    """Two sources; the first ends without terminal or time-out but its last row must still end an episode.
+    Returns: 3 (file 1), 10 and 4 (file 2) -> scale 1000 / (10 - 3)."""
+    chain = np.arange(7 * S, dtype=np.float32).reshape(7, S)  # observations continue across the two files
+    f1 = write_hdf5(tmp_path / "a.hdf5", dict(
+        observations=chain[0:3], next_observations=chain[1:4], actions=np.array([[1.0, -3.0, 0.2]] * 3),
+        rewards=np.ones(3), terminals=np.zeros(3, bool), timeouts=np.zeros(3, bool)))
+    f2 = write_hdf5(tmp_path / "b.hdf5", dict(
+        observations=chain[3:7], next_observations=np.r_[chain[4:7], chain[0:1]],
+        actions=np.zeros((4, A)), rewards=np.array([5.0, 5.0, 2.0, 2.0]), terminals=np.array([0, 1, 0, 0], bool),
+        timeouts=np.zeros(4, bool)))
+    cfg = dac.Config(dataset=[str(f1), str(f2)])
+    d = dac.load_dataset(cfg, S, A)
+    assert len(d["rewards"]) == 7 and all(v.dtype == np.float32 for v in d.values())
+    np.testing.assert_allclose(d["rewards"], np.r_[1, 1, 1, 5, 5, 2, 2] * 1000 / 7, rtol=1e-6)
+    np.testing.assert_allclose(d["actions"][0], [1 - 1e-5, -(1 - 1e-5), 0.2], rtol=1e-7)
+    np.testing.assert_array_equal(d["terminals"], [0, 0, 0, 0, 1, 0, 0])
+
+
+def test_float_terminal_and_timeout_flags_are_accepted(tmp_path):
+    """terminals/timeouts stored as float 0/1 (as some converters write them) mean what bool ones do."""
+    arrays = d4rl_arrays()
+    as_bool = write_hdf5(tmp_path / "bool.hdf5", arrays)
+    as_float = write_hdf5(tmp_path / "float.hdf5", {**arrays, "terminals": arrays["terminals"].astype(np.float32),
+                                                     "timeouts": arrays["timeouts"].astype(np.float32)})
+    expected = dac.load_dataset(dac.Config(dataset=[str(as_bool)]), S, A)
+    got = dac.load_dataset(dac.Config(dataset=[str(as_float)]), S, A)
+    assert set(got) == set(expected)
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+
+
+def test_load_dataset_from_local_minari(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    n = write_minari(tmp_path, "mujoco/hopper/tiny-v0", lengths=(4, 6))
+    h5 = write_hdf5(tmp_path / "x.hdf5", d4rl_arrays(episodes=(5,)))
+    d = dac.load_dataset(dac.Config(dataset=["mujoco/hopper/tiny-v0", str(h5)]), S, A)
+    assert len(d["rewards"]) == n + 5 == 15
+    np.testing.assert_array_equal(d["terminals"][:n], np.r_[np.zeros(3), 1, np.zeros(6)])
+    np.testing.assert_array_equal(d["observations"][1:4], d["next_observations"][0:3])  # within episode 0
+
+
+def test_default_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    assert dac.default_sources("hopper-medium-v2") == ["mujoco/hopper/medium-v0"]
+    assert dac.default_sources("walker2d-medium-expert-v2") == ["mujoco/walker2d/medium-v0",
+                                                                "mujoco/walker2d/expert-v0"]
+    (tmp_path / "hopper_medium_expert-v2.hdf5").touch()
+    assert dac.default_sources("hopper-medium-expert-v2") == [str(tmp_path / "hopper_medium_expert-v2.hdf5")]
+
+
+# ======================================================================================================
+# Command line, end to end
+# ======================================================================================================
+def check_outputs(out: Path, steps: int, eval_every: int, hidden_dim: int) -> list:
+    for name in ("config.json", "progress.csv", "checkpoint.pt", "curve.png", "summary.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((out / "config.json").read_text())
+    assert (config["steps"], config["hidden_dim"], config["rho"]) == (steps, hidden_dim, 1.5)  # hopper preset
+    with open(out / "progress.csv") as f:
+        reader = csv.DictReader(f)
+        assert set(PROGRESS_COLUMNS) <= set(reader.fieldnames), reader.fieldnames
+        rows = [{k: float(v) for k, v in row.items()} for row in reader]
+    assert [r["step"] for r in rows] == list(range(eval_every, steps + 1, eval_every))
+    for r in rows:
+        assert all(math.isfinite(v) for v in r.values())
+        expected = 100 * (r["return_mean"] - HOPPER_RANDOM) / (HOPPER_EXPERT - HOPPER_RANDOM)
+        assert r["normalized_score"] == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    summary = json.loads((out / "summary.json").read_text())
+    scores = [r["normalized_score"] for r in rows]
+    assert summary["steps"] == steps
+    assert summary["final_score"] == pytest.approx(np.mean(scores[-5:]))
+    assert summary["best_score"] == pytest.approx(max(scores))
+    assert isinstance(summary["wall_seconds"], (int, float)) and summary["wall_seconds"] > 0
+    ckpt = load_ckpt(out / "checkpoint.pt")
+    assert int(ckpt["agent"]["nets"]["step"]) == steps
+    assert ckpt["agent"]["nets"]["critic.net.0.weight"].shape == (3, S + A, hidden_dim)  # (H, in, out)
+    return rows
+
+
+def test_cli_end_to_end_on_d4rl_hdf5(base_run, ws):
+    assert f"data: {ws.n} transitions" in base_run.proc.stdout
+    check_outputs(base_run.out, steps=40, eval_every=20, hidden_dim=32)
+
+
+def test_cli_end_to_end_on_local_minari(ws, tmp_path):
+    root = tmp_path / "minari"
+    n = write_minari(root, "mujoco/hopper/tiny-v0")
+    proc = cli(["--env", "hopper-medium-v2", "--dataset", "mujoco/hopper/tiny-v0", "--steps", "20",
+                "--eval-every", "10", *TINY, "--hidden-dim", "24", "--out", tmp_path / "run"],
+               {**ws.env, "MINARI_DATASETS_PATH": str(root)})
+    assert_ok(proc)
+    assert f"data: {n} transitions" in proc.stdout
+    check_outputs(tmp_path / "run", steps=20, eval_every=10, hidden_dim=24)
+
+
+def test_resume_after_interruption_is_exact(base_run, ws, tmp_path):
+    """Ctrl-C after step 27 (mid evaluation window), then --resume: the final checkpoint equals the
+    uninterrupted run's tensor for tensor (networks, optimisers, eta, step, RNG, metric sums, history)."""
+    out = tmp_path / "run"
+    args = [*BASE_RUN, "--dataset", ws.hdf5, "--out", out]
+    first = cli(["27", *args], ws.env, script=INTERRUPT_AFTER_STEP)
+    assert first.returncode == 130 and "Traceback" not in first.stderr, first.stderr[-3000:]
+    assert "--resume" in first.stdout
+    assert int(load_ckpt(out / "checkpoint.pt")["agent"]["nets"]["step"]) == 27
+    second = cli([*args, "--resume"], ws.env)
+    assert_ok(second)
+
+    ref, got = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
+    assert int(got["agent"]["nets"]["step"]) == 40
+    assert_same(ref["agent"], got["agent"], "agent")
+    assert_same(ref["metric_sum"], got["metric_sum"], "metric_sum")
+    assert ref["metric_count"] == got["metric_count"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in rows]
+    assert strip(ref["history"]) == strip(got["history"]) and len(got["history"]) == 2
+    drop = lambda c: {k: v for k, v in c.items() if k not in ("out", "resume")}
+    assert drop(ref["config"]) == drop(got["config"])
+    ref_summary, summary = (json.loads((o / "summary.json").read_text()) for o in (base_run.out, out))
+    ref_summary.pop("wall_seconds"), summary.pop("wall_seconds")
+    assert summary == ref_summary
+
+
+def test_eval_only_reproduces_the_last_evaluation(base_run, ws):
+    proc = cli(["--eval-only", base_run.out / "checkpoint.pt", "--eval-episodes", "2", "--no-fast"], ws.env)
+    assert_ok(proc)
+    result = json.loads(proc.stdout)
+    last = load_ckpt(base_run.out / "checkpoint.pt")["history"][-1]
+    assert result["step"] == 40 and result["episodes"] == 2
+    assert result["return_mean"] == pytest.approx(last["return_mean"], rel=1e-9)
+    assert result["normalized_score"] == pytest.approx(last["normalized_score"], rel=1e-9)
+
+
+def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
+    """A critic learning rate of 1e6 blows Q up on the second step; evaluating every step, the step-1
+    checkpoint is the last good one and must be what is left."""
+    out = tmp_path / "run"
+    proc = cli(["--env", "hopper-medium-v2", "--dataset", ws.hdf5, *TINY, "--steps", "6", "--eval-every", "1",
+                "--eval-episodes", "1", "--critic-lr", "1e6", "--out", out], ws.env)
+    msg = assert_user_error(proc, "diverged", "critic_loss", str(out / "checkpoint.pt"), rc=1)
+    assert "step 1" in msg
+    ckpt = load_ckpt(out / "checkpoint.pt")
+    assert int(ckpt["agent"]["nets"]["step"]) == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["agent"]["nets"].values())
+    assert [r["step"] for r in ckpt["history"]] == [1]
+
+
+# ======================================================================================================
+# Command line: every user error gives a short specific message, a non-zero exit and no traceback
+# ======================================================================================================
+def test_unknown_env_lists_valid_names(ws):
+    assert_user_error(cli(["--env", "hopper-random-v2"], ws.env), "hopper-random-v2", "hopper-medium-v2",
+                      "walker2d-medium-expert-v2", "halfcheetah-medium-replay-v2")
+
+
+def test_missing_file_lists_sources_and_ways_to_provide_data(ws, tmp_path):
+    missing = tmp_path / "nothere.hdf5"
+    assert_user_error(cli(["--dataset", missing, *TINY, "--out", tmp_path / "run"], ws.env),
+                      str(missing), "--dataset", "D4RL_DATASET_DIR", "MINARI_DATASETS_PATH")
+
+
+def test_minari_id_not_local_and_not_downloadable(ws, tmp_path):
+    assert_user_error(cli(["--dataset", "mujoco/hopper/nothere-v0", *TINY, "--out", tmp_path / "run"], ws.env),
+                      "mujoco/hopper/nothere-v0", "--dataset", "D4RL_DATASET_DIR", "MINARI_DATASETS_PATH")
+
+
+def test_default_sources_not_found_names_every_place_looked(ws, tmp_path):
+    """No --dataset: dac.py looked for D4RL's cache file, then the Minari id; the message must name both."""
+    assert_user_error(cli(["--env", "hopper-medium-v2", *TINY, "--out", tmp_path / "run"], ws.env),
+                      "hopper_medium-v2.hdf5", "mujoco/hopper/medium-v0", "--dataset")
+
+
+def test_medium_replay_without_file(ws, tmp_path):
+    assert_user_error(cli(["--env", "walker2d-medium-replay-v2", *TINY, "--out", tmp_path / "run"], ws.env),
+                      "walker2d_medium_replay-v2.hdf5", "--dataset")
+
+
+def _garbage(p):
+    p.write_bytes(b"this is not an hdf5 file\n" * 40)
+
+
+def _truncated(p):
+    write_hdf5(p.with_suffix(".full"), d4rl_arrays(episodes=(400, 400)))
+    data = p.with_suffix(".full").read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+def _directory(p):
+    p.mkdir()
+
+
+def _arrays_with(**changes):
+    def make(p):
+        arrays = {**d4rl_arrays(), **changes}
+        write_hdf5(p, {k: v for k, v in arrays.items() if v is not None})
+    return make
+
+
+def _group_instead_of_array(p):
+    with h5py.File(p, "w") as f:
+        for k, v in d4rl_arrays().items():
+            if k == "observations":
+                f.create_group(k)["data"] = v
+            else:
+                f[k] = v
+
+
+def _nan_observation():
+    arrays = d4rl_arrays()
+    arrays["observations"][17, 4] = np.nan
+    return arrays["observations"]
+
+
+UNREADABLE = {"garbage": (_garbage, "cannot read"), "truncated": (_truncated, "cannot read"),
+              "directory": (_directory, "cannot read")}
+MALFORMED = {
+    "missing_keys": (_arrays_with(rewards=None, terminals=None), "rewards"),
+    "row_mismatch": (_arrays_with(actions=np.zeros((150, A), np.float32)), "actions"),
+    "observations_1d": (_arrays_with(observations=np.zeros(200, np.float32)), "observations"),
+    "nan_values": (_arrays_with(observations=_nan_observation()), "observations"),
+    "rewards_2d": (_arrays_with(rewards=np.zeros((200, 1), np.float32)), "rewards"),
+    "empty": (_arrays_with(**{k: v[:0] for k, v in d4rl_arrays().items()}), ""),
+    "next_observations_width": (_arrays_with(next_observations=np.zeros((200, S - 1), np.float32)),
+                                "next_observations"),
+    "group_instead_of_array": (_group_instead_of_array, "observations"),
+}
+
+
+@pytest.mark.parametrize("case", [*UNREADABLE, *MALFORMED])
+def test_unreadable_or_malformed_hdf5(ws, tmp_path, case):
+    make, needle = {**UNREADABLE, **MALFORMED}[case]
+    path = tmp_path / f"{case}.hdf5"
+    make(path)
+    proc = cli(["--dataset", path, *TINY, "--steps", "4", "--eval-every", "2", "--out", tmp_path / "run"], ws.env)
+    assert_user_error(proc, str(path), needle)
+
+
+@pytest.mark.parametrize("env,obs_dim,act_dim", [("hopper-medium-v2", 17, 6), ("walker2d-medium-v2", 11, 3),
+                                                 ("hopper-medium-v2", 11, 2)])
+def test_data_task_size_mismatch(ws, tmp_path, env, obs_dim, act_dim):
+    path = write_hdf5(tmp_path / "other.hdf5", d4rl_arrays(obs_dim=obs_dim, act_dim=act_dim))
+    proc = cli(["--env", env, "--dataset", path, *TINY, "--out", tmp_path / "run"], ws.env)
+    assert_user_error(proc, str(path), f"size {obs_dim}", f"size {act_dim}", "--env")
+
+
+INVALID_FLAGS = [("--steps", "0"), ("--steps", "abc"), ("--eval-every", "0"), ("--T", "0"), ("--batch-size", "-3"),
+                 ("--gamma", "1.5"), ("--tau", "0"), ("--eta", "0"), ("--critic-lr", "-1"), ("--rho", "-1"),
+                 ("--guidance", "foo"), ("--q-target", "max"), ("--device", "cuda"), ("--seeds", "1", "1"),
+                 ("--actor-lr", "inf"), ("--eta", "inf"), ("--seed", "-1")]
+
+
+@pytest.mark.parametrize("flag", INVALID_FLAGS, ids=" ".join)
+def test_invalid_flag_values(ws, tmp_path, flag):
+    proc = cli(["--dataset", ws.hdf5, *TINY, "--steps", "2", "--eval-every", "2", "--eval-episodes", "1",
+                "--out", tmp_path / "run", *flag], ws.env)
+    message = assert_user_error(proc, flag[0])
+    assert "diverged" not in message
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run.out, out)
+    return out
+
+
+def test_resume_refuses_checkpoint_from_another_configuration(ws, run_copy):
+    before = (run_copy / "checkpoint.pt").read_bytes()
+    args = [*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume", "--hidden-dim", "64"]
+    assert_user_error(cli(args, ws.env), "another configuration", "hidden_dim")
+    assert (run_copy / "checkpoint.pt").read_bytes() == before
+
+
+def test_existing_checkpoint_is_not_overwritten_without_resume(ws, run_copy):
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir()}
+    assert_user_error(cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy], ws.env), "already exists",
+                      "--resume")
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir()} == before
+
+
+def test_resume_without_checkpoint(ws, tmp_path):
+    assert_user_error(cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", tmp_path / "none", "--resume"], ws.env),
+                      "no checkpoint", "--resume")
+
+
+def test_unreadable_checkpoint(ws, run_copy):
+    (run_copy / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert_user_error(cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume"], ws.env),
+                      "cannot read checkpoint")
+    assert_user_error(cli(["--eval-only", run_copy / "checkpoint.pt", "--no-fast"], ws.env), "cannot read checkpoint")
+
+
+def test_eval_only_refuses_other_settings(ws, base_run):
+    assert_user_error(cli(["--eval-only", base_run.out / "checkpoint.pt", "--no-fast", "--hidden-dim", "64"], ws.env),
+                      "--hidden-dim")
