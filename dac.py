@@ -139,11 +139,16 @@ def check_config(cfg: Config) -> None:
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)}.")
     for name in ["eta", "actor_lr", "critic_lr", "grad_clip"]:
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}.")
+        if not 0 < getattr(cfg, name) < math.inf:
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(cfg, name)}.")
     for name in ["eta_lr", "rho", "bc_threshold", "actor_ema_start"]:
-        if not getattr(cfg, name) >= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}.")
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(cfg, name)}.")
+    if not 1e-3 <= cfg.eta <= 100:
+        raise UserError(f"--eta must lie in [0.001, 100] (the range dual ascent keeps it in), got {cfg.eta}.")
+    if min([cfg.seed, *cfg.seeds]) < 0:
+        raise UserError(f"--seed and --seeds must be >= 0 (Gymnasium refuses negative seeds), got "
+                        f"{[cfg.seed, *cfg.seeds]}.")
     for name in ["tau", "actor_ema_tau", "gamma"]:
         if not 0 < getattr(cfg, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} must lie in (0, 1], got {getattr(cfg, name)}.")
@@ -164,27 +169,31 @@ def load_hdf5(path: str) -> dict:
     last transition of every time-out episode, as d4rl.qlearning_dataset does."""
     import h5py
 
+    keys = (*HDF5_KEYS, "timeouts", "next_observations")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in HDF5_KEYS if k not in f]
+            missing = [k for k in HDF5_KEYS if not isinstance(f.get(k), h5py.Dataset)]
             if missing:
-                raise UserError(f"'{path}' is not a D4RL-layout dataset: it lacks {missing}. Expected keys "
-                                f"{list(HDF5_KEYS)} (+ optional timeouts, next_observations), one row per step.")
-            d = {k: np.asarray(f[k][()]) for k in (*HDF5_KEYS, "timeouts", "next_observations") if k in f}
+                raise UserError(f"'{path}' is not a D4RL-layout dataset: it lacks the arrays {missing}. Expected "
+                                f"arrays {list(HDF5_KEYS)} (+ optional timeouts, next_observations), one row per "
+                                f"transition.")
+            d = {k: np.asarray(f[k][()]) for k in keys if isinstance(f.get(k), h5py.Dataset)}
     except OSError as e:
         raise UserError(f"cannot read '{path}' as HDF5 ({e}). Check that the file is complete (re-download or "
                         f"re-copy it) and that it is an .hdf5 file in D4RL's layout.") from None
     n = len(d["observations"])
     d.setdefault("timeouts", np.zeros(n, bool))
-    for k, v in d.items():
-        if len(v) != n:
-            raise UserError(f"'{path}' is malformed: '{k}' has {len(v)} rows but 'observations' has {n}; every "
-                            f"array must have one row per transition.")
-    if d["observations"].ndim != 2 or d["actions"].ndim != 2:
-        raise UserError(f"'{path}' is malformed: observations and actions must be 2-D (steps, dim), got shapes "
-                        f"{d['observations'].shape} and {d['actions'].shape}.")
+    for k in ("terminals", "timeouts"):
+        d[k] = d[k].astype(bool)
+    ndim = {"observations": 2, "next_observations": 2, "actions": 2, "rewards": 1, "terminals": 1, "timeouts": 1}
+    bad = [f"{k} {v.shape}" for k, v in d.items() if v.ndim != ndim[k] or len(v) != n]
+    if "next_observations" in d and d["next_observations"].shape[1:] != d["observations"].shape[1:]:
+        bad.append(f"next_observations {d['next_observations'].shape} vs observations {d['observations'].shape}")
+    if bad or n == 0:
+        raise UserError(f"'{path}' is malformed: {', '.join(bad) or 'it has no rows'}. Expected observations and "
+                        f"next_observations (N, S), actions (N, A), rewards, terminals and timeouts (N,), N > 0.")
     if "next_observations" not in d:
-        keep = ~d["timeouts"].astype(bool)
+        keep = ~d["timeouts"]
         keep[-1] = False
         d["next_observations"] = np.roll(d["observations"], -1, axis=0)
         d = {k: v[keep] for k, v in d.items()}
@@ -213,26 +222,28 @@ def load_minari(dataset_id: str) -> dict:
         parts["next_observations"].append(ep.observations[1:])
         parts["actions"].append(ep.actions)
         parts["rewards"].append(ep.rewards)
-        parts["terminals"].append(ep.terminations)
-        parts["timeouts"].append(ep.truncations)
+        parts["terminals"].append(np.asarray(ep.terminations, bool))
+        parts["timeouts"].append(np.asarray(ep.truncations, bool))
     if not parts["actions"]:
         raise UserError(f"Minari dataset '{dataset_id}' has no episodes.")
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def default_sources(env: str) -> list:
-    """Where a D4RL name's data is looked for: D4RL's own cache file, else its Minari counterpart(s)."""
+def default_sources(env: str) -> tuple:
+    """Where a D4RL name's data is looked for: D4RL's own cache file, else its Minari counterpart(s).
+    Returns (sources, places already looked at in vain)."""
     family, level = family_of(env), env[len(family_of(env)) + 1:-3]
     d4rl_dir = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
     d4rl_file = d4rl_dir / f"{family}_{level.replace('-', '_')}-v2.hdf5"
     if d4rl_file.exists():
-        return [str(d4rl_file)]
+        return [str(d4rl_file)], []
+    tried = f"D4RL file {d4rl_file} (does not exist)"
     if level == "medium-replay":
         raise UserError(f"no data for {env}: D4RL's file {d4rl_file} does not exist and Minari has no "
                         f"medium-replay counterpart. Provide it with --dataset PATH.hdf5 (a D4RL-layout file, "
                         f"e.g. d4rl's {family}_medium_replay-v2.hdf5), or copy that file to {d4rl_file}.")
     levels = ["medium", "expert"] if level == "medium-expert" else [level]
-    return [f"mujoco/{family}/{lv}-v0" for lv in levels]
+    return [f"mujoco/{family}/{lv}-v0" for lv in levels], [tried]
 
 
 def episode_ends(d: dict) -> np.ndarray:
@@ -253,20 +264,20 @@ def reward_scale(rewards: np.ndarray, ends: np.ndarray) -> float:
 
 def load_dataset(cfg: Config, obs_dim: int, act_dim: int) -> dict:
     """Load, check and concatenate the sources; clip actions; rescale rewards. Returns float32 arrays."""
-    sources = cfg.dataset or default_sources(cfg.env)
-    parts, tried = [], []
+    sources, looked = (cfg.dataset, []) if cfg.dataset else default_sources(cfg.env)
+    parts, failed = [], []
     for src in sources:
         is_file = src.endswith((".hdf5", ".h5")) or os.path.exists(src)
         if is_file and not os.path.exists(src):
-            tried.append(f"file {src} (does not exist)")
+            failed.append(f"file {src} (does not exist)")
             continue
         try:
             parts.append((src, load_hdf5(src) if is_file else load_minari(src)))
         except FileNotFoundError as e:
-            tried.append(str(e))
-    if tried:
+            failed.append(str(e))
+    if failed:
         raise UserError(
-            f"dataset not found for {cfg.env}. Tried: {'; '.join(tried)}. Ways to provide data: pass "
+            f"dataset not found for {cfg.env}. Tried: {'; '.join(looked + failed)}. Ways to provide data: pass "
             f"--dataset FILE.hdf5 [FILE2.hdf5 ...] (D4RL layout); or put d4rl's file in ~/.d4rl/datasets/ (or "
             f"$D4RL_DATASET_DIR); or install 'minari[hf]' and run online once so Minari caches the dataset in "
             f"$MINARI_DATASETS_PATH (default ~/.minari/datasets), after which it loads offline.")
@@ -276,7 +287,7 @@ def load_dataset(cfg: Config, obs_dim: int, act_dim: int) -> dict:
                 f"'{src}' does not fit {cfg.env}: it has observations of size {d['observations'].shape[1]} and "
                 f"actions of size {d['actions'].shape[1]}, the task {TASKS[family_of(cfg.env)][0]} has "
                 f"{obs_dim} and {act_dim}. Pick the --env that matches the data.")
-        d["timeouts"][-1] |= ~d["terminals"][-1].astype(bool)  # a source's last row ends its episode
+        d["timeouts"][-1] |= ~d["terminals"][-1]  # a source's last row ends its episode
     d = {k: np.concatenate([p[k] for _, p in parts]) for k in parts[0][1]}
     for k in ("observations", "actions", "rewards", "next_observations"):
         if not np.isfinite(d[k]).all():
@@ -753,12 +764,11 @@ class Run:
         finite = torch.isfinite(self.metric_sum).tolist()
         if not all(finite):
             bad = [m for m, ok in zip(METRICS, finite) if not ok]
-            last = self.history[-1]["step"] if self.history else None
+            kept = (f"The last good checkpoint (step {self.history[-1]['step']}) is kept in "
+                    f"{self.out / 'checkpoint.pt'}." if self.history else "No checkpoint had been written yet.")
             raise Diverged(
                 f"seed {self.cfg.seed}: training diverged before step {self.step}: {', '.join(bad)} became NaN or "
-                f"infinite. The last good checkpoint ({'step ' + str(last) if last else 'none was written'}) is "
-                f"kept in {self.out / 'checkpoint.pt'}. Try a smaller --actor-lr/--critic-lr, a larger --rho, or "
-                f"another --seed.")
+                f"infinite. {kept} Try a smaller --actor-lr/--critic-lr, a larger --rho, or another --seed.")
 
     def elapsed(self) -> float:
         return self.wall_seconds + time.perf_counter() - self.started
@@ -840,7 +850,7 @@ def train(cfgs: list, device: torch.device) -> None:
     """Train one or several seeds on one device in lock-step (each seed's step on its own CUDA stream)."""
     dims = task_dims(cfgs[0].env)
     data = DeviceData(load_dataset(cfgs[0], *dims), device)
-    print(f"data: {data.size} transitions from {', '.join(cfgs[0].dataset or default_sources(cfgs[0].env))}")
+    print(f"data: {data.size} transitions from {', '.join(cfgs[0].dataset or default_sources(cfgs[0].env)[0])}")
     runs = [Run(cfg, data, dims, device) for cfg in cfgs]
     envs = make_eval_envs(cfgs[0].env, cfgs[0].eval_episodes)
     streams = [torch.cuda.Stream() if device.type == "cuda" else None for _ in runs]

@@ -646,11 +646,13 @@ def test_load_dataset_from_local_minari(tmp_path, monkeypatch):
 
 def test_default_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
-    assert dac.default_sources("hopper-medium-v2") == ["mujoco/hopper/medium-v0"]
-    assert dac.default_sources("walker2d-medium-expert-v2") == ["mujoco/walker2d/medium-v0",
-                                                                "mujoco/walker2d/expert-v0"]
+    sources, looked = dac.default_sources("hopper-medium-v2")
+    assert sources == ["mujoco/hopper/medium-v0"]
+    assert str(tmp_path / "hopper_medium-v2.hdf5") in looked[0]
+    assert dac.default_sources("walker2d-medium-expert-v2")[0] == ["mujoco/walker2d/medium-v0",
+                                                                   "mujoco/walker2d/expert-v0"]
     (tmp_path / "hopper_medium_expert-v2.hdf5").touch()
-    assert dac.default_sources("hopper-medium-expert-v2") == [str(tmp_path / "hopper_medium_expert-v2.hdf5")]
+    assert dac.default_sources("hopper-medium-expert-v2") == ([str(tmp_path / "hopper_medium_expert-v2.hdf5")], [])
 
 
 # ======================================================================================================
