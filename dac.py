@@ -70,7 +70,8 @@ class Config:
     out: str = arg("", "output folder (default runs/<env>/seed<seed>)")
     resume: bool = arg(False, "continue from <out>/checkpoint.pt with exactly its state")
     eval_only: str = arg("", "evaluate the agent in this checkpoint and exit")
-    fast: bool = arg(True, "CUDA: replay the whole gradient step as one CUDA graph (--no-fast: eager)")
+    fast: bool = arg(True, "torch.compile the gradient step and acting; on CUDA also replay the step as one CUDA "
+                           "graph (--no-fast: plain eager PyTorch)")
     # --- actor: diffusion policy and Q-guidance (paper sections 2, 4, 5)
     guidance: str = arg("soft", "Q-guidance of the actor loss ('none': plain diffusion behaviour cloning)",
                         choices=["soft", "hard", "denoised", "none"])
