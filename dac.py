@@ -612,7 +612,7 @@ class DAC(nn.Module):
         self.load_state_dict(state["nets"])
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
-        self.gen.set_state(state["rng"])
+        self.gen.set_state(state["rng"].cpu())  # generator states are CPU byte tensors, even for CUDA generators
 
 
 METRICS = ("critic_loss", "bc_loss", "guidance_loss", "eta", "q_mean", "q_ensemble_std")
