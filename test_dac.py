@@ -754,6 +754,18 @@ def test_resume_after_interruption_is_exact(base_run, ws, tmp_path):
     assert summary == ref_summary
 
 
+def test_seeds_trained_together_match_seeds_trained_alone(base_run, ws, tmp_path):
+    """--seeds 0 1 writes one folder per seed, and seed 0 trained beside seed 1 ends exactly as seed 0 alone:
+    each agent owns its random generator."""
+    proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", tmp_path / "group", "--seeds", "0", "1"], ws.env)
+    assert_ok(proc)
+    alone, grouped = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(tmp_path / "group/seed0/checkpoint.pt")
+    assert_same(alone["agent"], grouped["agent"], "agent")
+    other = load_ckpt(tmp_path / "group/seed1/checkpoint.pt")
+    assert other["config"]["seed"] == 1 and int(other["agent"]["nets"]["step"]) == 40
+    assert not torch.equal(other["agent"]["nets"]["actor.net.0.weight"], grouped["agent"]["nets"]["actor.net.0.weight"])
+
+
 def test_eval_only_reproduces_the_last_evaluation(base_run, ws):
     proc = cli(["--eval-only", base_run.out / "checkpoint.pt", "--eval-episodes", "2", "--no-fast"], ws.env)
     assert_ok(proc)
