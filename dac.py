@@ -522,19 +522,20 @@ class DAC(nn.Module):
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
         self.to(device)
         self.gen = torch.Generator(device).manual_seed(cfg.seed)  # all of this agent's training randomness
-        # Tensor learning rates are set inside the step, so the schedule lives in the captured graph too.
-        fused = dict(fused=True, capturable=device.type == "cuda")
+        # Tensor learning rates are set inside the step, so the schedule lives in the captured graph too. On CUDA
+        # the foreach (not fused) Adam lets torch.compile fuse the optimiser arithmetic with its neighbours.
+        adam = dict(foreach=True, capturable=True) if device.type == "cuda" else dict(fused=True)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=torch.tensor(cfg.actor_lr, device=device),
-                                          **fused)
+                                          **adam)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(),
-                                           lr=torch.tensor(cfg.critic_lr, device=device), **fused)
+                                           lr=torch.tensor(cfg.critic_lr, device=device), **adam)
 
     @property
     def sched(self) -> dict:
         return {"alphas": self.alphas, "betas": self.betas, "abar": self.abar}
 
     def _optimise(self, opt, params, loss, base_lr):
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, self.cfg.grad_clip, foreach=True)
         opt.param_groups[0]["lr"].copy_(cosine_lr(base_lr, self.step, self.cfg.steps))
