@@ -19,7 +19,9 @@ Deliberate differences from the official code (README.md lists them with reasons
   `qlearning_dataset` drops them.
 * Weights use PyTorch's default initialisation, not Flax's.
 * Antmaze (max-Q backup, fixed eta) is not included: there are no v5 antmaze tasks with D4RL's layout.
-* The fast path (on by default on CUDA) runs float32 matrix products in TF32, as JAX does by default on GPUs.
+* Each agent owns a torch.Generator; evaluation draws from a separate one, so it never shifts training noise.
+* The fast path on CUDA runs float32 matrix products in TF32, as JAX does by default on GPUs.
+* `--guidance none` (diffusion BC) and `--no-clip-sample` exist for the toy bandit and ablations.
 """
 
 from __future__ import annotations
