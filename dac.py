@@ -43,7 +43,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 # ======================================================================================================
