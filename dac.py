@@ -345,16 +345,10 @@ def ddpm_sample(actor: nn.Module, state: torch.Tensor, sched: dict, gen: torch.G
                 clip_x0: bool = True) -> torch.Tensor:
     """Reverse chain x_T ~ N(0, I) -> x_0 with the DDPM posterior mean written through x0_hat (section 5).
     state (M, S) -> actions (M, A). Gradients flow through the chain unless the caller disables them."""
-    T = len(sched["alphas"]) - 1
-    noise = torch.randn(T, state.shape[0], actor.act_dim, device=state.device, generator=gen)  # (T, M, A)
-    return denoise(actor, state, noise, sched, clip_x0)
-
-
-def denoise(actor: nn.Module, state: torch.Tensor, noise: torch.Tensor, sched: dict, clip_x0: bool):
-    """The deterministic part of `ddpm_sample`: noise[0] is x_T, noise[T - t + 1] the noise added at step t."""
     alphas, betas, abar = sched["alphas"], sched["betas"], sched["abar"]
     M, T = state.shape[0], len(alphas) - 1
-    x = noise[0]  # (M, A)
+    noise = torch.randn(T, M, actor.act_dim, device=state.device, generator=gen)  # (T, M, A): all draws at once
+    x = noise[0]  # (M, A): x_T; noise[T - t + 1] is the noise added at step t
     for t in range(T, 0, -1):
         eps = actor(state, x, torch.full((M,), t, device=state.device, dtype=torch.long))  # (M, A)
         x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
