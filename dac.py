@@ -645,6 +645,11 @@ class CapturedStep:
         self.graph.replay()
 
 
+def make_policy(agent: DAC, fast: bool):
+    """Policy extraction as used for acting and evaluation: DAC.act, compiled on the fast path."""
+    return torch.compile(agent.act) if fast else agent.act
+
+
 def make_train_step(agent: DAC, data: DeviceData, metric_sum: torch.Tensor, fast: bool):
     """One call = one gradient step on a fresh batch; its metrics are added to `metric_sum` on the device.
     fast: torch.compile the update (fuses the element-wise work), and on CUDA replay it as a CUDA graph."""
@@ -740,7 +745,7 @@ class Run:
                             f"--out (nothing was overwritten).")
         self.step = int(self.agent.step)
         self.step_fn = make_train_step(self.agent, data, self.metric_sum, cfg.fast)
-        self.act = torch.compile(self.agent.act) if cfg.fast else self.agent.act
+        self.act = make_policy(self.agent, cfg.fast)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         self.started = time.perf_counter()
@@ -903,7 +908,7 @@ def eval_only(cfg: Config, given: set, device: torch.device) -> None:
     agent = DAC(saved, *task_dims(saved.env), device)
     agent.load_full_state(ckpt["agent"])
     envs = make_eval_envs(saved.env, cfg.eval_episodes)
-    act = torch.compile(agent.act) if cfg.fast else agent.act
+    act = make_policy(agent, cfg.fast)
     returns = evaluate(act, envs, saved.seed * 1_000_003 + int(agent.step), device)
     envs.close()
     result = {"checkpoint": cfg.eval_only, "step": int(agent.step), "episodes": cfg.eval_episodes,

@@ -73,7 +73,7 @@ def steps_per_sec(device, shape, fast, seeds=1, seconds=3.0, warmup=5):
 
 def act_latency_ms(agent, batch, device, fast, repeats=50):
     gen = torch.Generator(device).manual_seed(0)
-    act = torch.compile(agent.act) if fast else agent.act
+    act = dac.make_policy(agent, fast)
     states = torch.randn(batch, agent.actor.net[0].in_features - agent.actor.act_dim - 32, device=device)
     for _ in range(5):
         act(states, gen).cpu()
@@ -92,7 +92,7 @@ def eval_seconds(agent, device, episodes=10, steps=1000):
         envs = dac.make_eval_envs("hopper-medium-v2", episodes)
     except Exception as e:  # gymnasium / mujoco missing
         return f"n/a ({type(e).__name__})"
-    act = torch.compile(agent.act)
+    act = dac.make_policy(agent, fast=True)
     gen = torch.Generator(device).manual_seed(0)
     obs, _ = envs.reset(seed=0)
     act(torch.as_tensor(obs, dtype=torch.float32, device=device), gen)
