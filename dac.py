@@ -917,22 +917,27 @@ def eval_only(cfg: Config, given: set, device: torch.device) -> None:
     print(json.dumps(result, indent=2))
 
 
+def config_parser(cls, description: str) -> argparse.ArgumentParser:
+    """One flag per field of a config dataclass (Config, or toy_bandit's), with the field's help and default.
+    Flags not given stay out of the parsed namespace, so presets can sit between defaults and flags."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(cls):
+        meta, default = dict(f.metadata), getattr(cls(), f.name)
+        kwargs = dict(default=argparse.SUPPRESS, help=f"{meta.pop('help')} (default: {default!r})")
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kwargs.update(nargs="+", type=meta.pop("type", str), **meta)
+        else:
+            kwargs.update(type=type(default), **meta)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    return parser
+
+
 def parse_config(argv: list | None = None) -> tuple:
     """Command line generated from Config: presets for --env first, then every flag given overrides them.
     Returns (config, names of the flags given)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        meta, default = dict(f.metadata), Config().__getattribute__(f.name)
-        flag, help = "--" + f.name.replace("_", "-"), meta.pop("help")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-        elif isinstance(default, list):
-            parser.add_argument(flag, nargs="+", type=meta.pop("type", str), default=argparse.SUPPRESS, help=help,
-                                **meta)
-        else:
-            parser.add_argument(flag, type=type(default), default=argparse.SUPPRESS, help=help, **meta)
-    given = vars(parser.parse_args(argv))
+    given = vars(config_parser(Config, __doc__.split("\n\n")[0]).parse_args(argv))
     cfg = Config(**{**PRESETS.get(given.get("env", Config.env), {}), **given})
     check_config(cfg)
     return cfg, set(given)

@@ -29,7 +29,6 @@ Differences from the official script:
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -305,14 +304,7 @@ def plot(cfg: BanditConfig, results: dict, path: Path) -> None:
 # ======================================================================================================
 def parse_config(argv: list | None = None) -> BanditConfig:
     """Command line generated from BanditConfig."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(BanditConfig):
-        meta, default = dict(f.metadata), getattr(BanditConfig(), f.name)
-        if isinstance(default, list):
-            parser.add_argument("--" + f.name, nargs="+", type=meta.pop("type", str), default=default, **meta)
-        else:
-            parser.add_argument("--" + f.name, type=type(default), default=default, **meta)
+    parser = dac.config_parser(BanditConfig, __doc__.split("\n\n")[0])
     cfg = BanditConfig(**vars(parser.parse_args(argv)))
     if cfg.steps < 1 or cfg.workers < 0:
         parser.error(f"--steps must be >= 1 and --workers >= 0, got {cfg.steps} and {cfg.workers}")
