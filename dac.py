@@ -35,7 +35,6 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -350,7 +349,7 @@ def ddpm_sample(actor: nn.Module, state: torch.Tensor, sched: dict, gen: torch.G
     noise = torch.randn(T, M, actor.act_dim, device=state.device, generator=gen)  # (T, M, A): all draws at once
     x = noise[0]  # (M, A): x_T; noise[T - t + 1] is the noise added at step t
     for t in range(T, 0, -1):
-        eps = actor(state, x, torch.full((M,), t, device=state.device, dtype=torch.long))  # (M, A)
+        eps = actor(state, x, torch.tensor(t, device=state.device))  # (M, A)
         x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
         if clip_x0:
             x0 = x0.clamp(-1, 1)
@@ -385,8 +384,9 @@ class NoiseMLP(nn.Module):
                                  nn.Linear(hidden, act_dim))
 
     def forward(self, s: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        temb = self.time_mlp(timestep_features(t))  # (M, 32)
-        return self.net(torch.cat([s, x, temb], dim=-1))  # (M, A)
+        """s (M, S), x (M, A); t (M,) steps, or one step () shared by all M rows (the sampler's case)."""
+        temb = self.time_mlp(timestep_features(t.reshape(-1)))  # (M, 32) or (1, 32)
+        return self.net(torch.cat([s, x, temb.expand(x.shape[0], -1)], dim=-1))  # (M, A)
 
 
 class VectorizedLinear(nn.Module):
@@ -403,7 +403,9 @@ class VectorizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             x = x.expand(self.weight.shape[0], -1, -1)  # the same input for every member
-        return torch.baddbmm(self.bias, x, self.weight)  # (H, M, out)
+        # bmm, then the bias: baddbmm would first copy the broadcast bias into the output, a full extra pass on
+        # the large (H, B*N, hidden) activations of the critic target; the separate add fuses with the activation.
+        return torch.bmm(x, self.weight) + self.bias  # (H, M, out)
 
 
 class EnsembleCritic(nn.Module):
@@ -517,9 +519,8 @@ class DAC(nn.Module):
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
         self.to(device)
         self.gen = torch.Generator(device).manual_seed(cfg.seed)  # all of this agent's training randomness
-        # Tensor learning rates are set inside the step, so the schedule lives in the captured graph too. On CUDA
-        # the foreach (not fused) Adam lets torch.compile fuse the optimiser arithmetic with its neighbours.
-        adam = dict(foreach=True, capturable=True) if device.type == "cuda" else dict(fused=True)
+        # Tensor learning rates are set inside the step, so the schedule lives in the captured graph too.
+        adam = dict(fused=True, capturable=device.type == "cuda")
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=torch.tensor(cfg.actor_lr, device=device),
                                           **adam)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(),
@@ -618,12 +619,13 @@ METRICS = ("critic_loss", "bc_loss", "guidance_loss", "eta", "q_mean", "q_ensemb
 # Fast path: the same step, captured once as a CUDA graph and replayed
 # ======================================================================================================
 class CapturedStep:
-    """Wraps `step_fn` (one whole gradient step, batch sampling included). The first `warmup` calls run it
-    eagerly on a side stream (CUDA graphs need that); the next call captures it as one CUDA graph; every later
-    call replays that graph. Each call is exactly one training step, so eager and fast runs count alike."""
+    """Wraps `step_fn` (one whole gradient step, batch sampling included, of one or several agents). The first
+    `warmup` calls run it eagerly on a side stream (CUDA graphs need that); the next call captures it as one CUDA
+    graph, with the agents' generators registered; every later call replays that graph. Each call is exactly one
+    training step, so eager and fast runs count alike."""
 
-    def __init__(self, step_fn, gen: torch.Generator, warmup: int = 3):
-        self.step_fn, self.gen, self.warmup, self.calls = step_fn, gen, warmup, 0
+    def __init__(self, step_fn, gens: list, warmup: int = 3):
+        self.step_fn, self.gens, self.warmup, self.calls = step_fn, gens, warmup, 0
         self.graph = None
 
     def __call__(self) -> None:
@@ -636,7 +638,8 @@ class CapturedStep:
                     self.step_fn()
                 else:
                     self.graph = torch.cuda.CUDAGraph()
-                    self.graph.register_generator_state(self.gen)
+                    for gen in self.gens:
+                        self.graph.register_generator_state(gen)
                     with torch.cuda.graph(self.graph, stream=side):
                         self.step_fn()
             torch.cuda.current_stream().wait_stream(side)
@@ -650,20 +653,37 @@ def make_policy(agent: DAC, fast: bool):
     return torch.compile(agent.act) if fast else agent.act
 
 
-def make_train_step(agent: DAC, data: DeviceData, metric_sum: torch.Tensor, fast: bool):
-    """One call = one gradient step on a fresh batch; its metrics are added to `metric_sum` on the device.
-    fast: torch.compile the update (fuses the element-wise work), and on CUDA replay it as a CUDA graph."""
-    update = agent.update
+def make_train_step(agents: list, data: DeviceData, metric_sums: list, fast: bool):
+    """One call = one gradient step of every agent (independent seeds on the same data), each on a fresh batch
+    from its own generator; agent k's metrics are added to metric_sums[k] on the device. On CUDA each agent runs
+    on its own stream, so several seeds share the GPU concurrently. fast: torch.compile the update (fuses the
+    element-wise work), and on CUDA capture the whole call, all agents together, as one CUDA graph."""
+    updates = [a.update for a in agents]
     if fast:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one per seed
-        update = torch.compile(agent.update)
+        updates = [torch.compile(update) for update in updates]
+    cuda = metric_sums[0].device.type == "cuda"
+    streams = [torch.cuda.Stream() for _ in agents] if cuda and len(agents) > 1 else None
+
+    def step_agent(k: int) -> None:
+        metric_sums[k].add_(updates[k](data.sample(agents[k].cfg.batch_size, agents[k].gen)))
 
     def step() -> None:
-        metric_sum.add_(update(data.sample(agent.cfg.batch_size, agent.gen)))
+        if streams is None:
+            for k in range(len(agents)):
+                step_agent(k)
+            return
+        main = torch.cuda.current_stream()
+        for k, stream in enumerate(streams):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                step_agent(k)
+        for stream in streams:
+            main.wait_stream(stream)
 
-    if fast and metric_sum.device.type == "cuda":
+    if fast and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default for float32 matmuls on GPUs
-        return CapturedStep(step, agent.gen)
+        return CapturedStep(step, [a.gen for a in agents])
     return step
 
 
@@ -744,7 +764,6 @@ class Run:
             raise UserError(f"{ckpt_path} already exists. Continue that run with --resume, or choose another "
                             f"--out (nothing was overwritten).")
         self.step = int(self.agent.step)
-        self.step_fn = make_train_step(self.agent, data, self.metric_sum, cfg.fast)
         self.act = make_policy(self.agent, cfg.fast)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -755,8 +774,8 @@ class Run:
         self.metric_sum.copy_(ckpt["metric_sum"])
         self.metric_count, self.history, self.wall_seconds = ckpt["metric_count"], ckpt["history"], ckpt["wall"]
 
-    def train_one_step(self) -> None:
-        self.step_fn()
+    def after_step(self) -> None:
+        """Book-keeping after each gradient step (the step itself is train()'s, shared by all seeds)."""
         self.step += 1
         self.metric_count += 1
         if self.step % 1000 == 0:
@@ -849,34 +868,38 @@ def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None)
 
 
 def train(cfgs: list, device: torch.device) -> None:
-    """Train one or several seeds on one device in lock-step (each seed's step on its own CUDA stream)."""
+    """Train one or several seeds on one device in lock-step: one call of the step function advances every seed
+    (on CUDA each on its own stream, all captured in one graph on the fast path)."""
     dims = task_dims(cfgs[0].env)
     data = DeviceData(load_dataset(cfgs[0], *dims), device)
     print(f"data: {data.size} transitions from {', '.join(cfgs[0].dataset or default_sources(cfgs[0].env)[0])}")
     runs = [Run(cfg, data, dims, device) for cfg in cfgs]
+    if len({run.step for run in runs}) > 1:
+        raise UserError(f"--resume: the seeds' checkpoints are at different steps "
+                        f"({', '.join(f'seed {r.cfg.seed}: {r.step}' for r in runs)}), but --seeds trains its seeds "
+                        f"in lock-step. Resume each seed on its own (--seed N --resume).")
+    step_all = make_train_step([r.agent for r in runs], data, [r.metric_sum for r in runs], cfgs[0].fast)
     envs = make_eval_envs(cfgs[0].env, cfgs[0].eval_episodes)
-    streams = [torch.cuda.Stream() if device.type == "cuda" else None for _ in runs]
-    total = cfgs[0].steps
+    total, eval_every = cfgs[0].steps, cfgs[0].eval_every
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     from tqdm import tqdm
 
     bar = tqdm(total=total * len(runs), initial=sum(r.step for r in runs), unit="step", disable=None)
     try:
-        while not interrupted and any(r.step < total for r in runs):
+        while not interrupted and runs[0].step < total:
             tic = time.perf_counter()
-            todo = [(r, s) for r, s in zip(runs, streams) if r.step < total]
-            stop = min(min(total, (r.step // r.cfg.eval_every + 1) * r.cfg.eval_every) for r, _ in todo)
-            while not interrupted and todo[0][0].step < stop:
-                for run, stream in todo:
-                    with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                        run.train_one_step()
-                bar.update(len(todo))
+            stop = min(total, (runs[0].step // eval_every + 1) * eval_every)
+            while not interrupted and runs[0].step < stop:
+                step_all()
+                for run in runs:
+                    run.after_step()
+                bar.update(len(runs))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - tic
-            for run, _ in todo:
-                if run.step % run.cfg.eval_every == 0 or run.step == total:
+            if runs[0].step % eval_every == 0 or runs[0].step == total:
+                for run in runs:
                     row = run.evaluate_and_save(envs, seconds)
                     bar.write(f"seed {run.cfg.seed} step {row['step']}: score {row['normalized_score']:.1f} "
                               f"(return {row['return_mean']:.0f}), eta {row['eta']:.3f}, "

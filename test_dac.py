@@ -51,12 +51,12 @@ INTERRUPT_AFTER_STEP = """
 import os, signal, sys
 import dac
 stop_at = int(sys.argv.pop(1))
-train_one_step = dac.Run.train_one_step
+after_step = dac.Run.after_step
 def interrupting_step(self):
-    train_one_step(self)
+    after_step(self)
     if self.step == stop_at:
         os.kill(os.getpid(), signal.SIGINT)
-dac.Run.train_one_step = interrupting_step
+dac.Run.after_step = interrupting_step
 dac.main(sys.argv[1:])
 """
 
@@ -256,7 +256,7 @@ class PointMassDenoiser(nn.Module):
         self.act_dim, self.target, self.abar, self.seen = len(target), torch.tensor(target), abar, []
 
     def forward(self, s, x, t):
-        self.seen.append((int(t[0]), x.clone()))
+        self.seen.append((int(t), x.clone()))
         ab = self.abar[t].unsqueeze(-1)
         return (x - ab.sqrt() * self.target) / (1 - ab).sqrt()
 
@@ -671,7 +671,7 @@ def test_fast_path_matches_eager_step_for_step():
     for fast in (False, True):
         agent = tiny_agent(actor_ema_start=2, actor_ema_every=1)
         metric_sum = torch.zeros(len(dac.METRICS))
-        step = dac.make_train_step(agent, data, metric_sum, fast)
+        step = dac.make_train_step([agent], data, [metric_sum], fast)
         rows = []
         for _ in range(4):
             step()

@@ -36,25 +36,15 @@ def sync(device):
 
 
 def steps_per_sec(device, shape, fast, seeds=1, seconds=3.0, warmup=5):
-    """Aggregate gradient steps/s of `seeds` independent agents trained in lock-step (one stream each)."""
+    """Aggregate gradient steps/s of `seeds` independent agents trained in lock-step, as `dac.py --seeds` does."""
     cfg = dac.Config(fast=fast, steps=2_000_000)
     data = random_data(*shape, device)
-    agents, steps, streams = [], [], []
+    agents = []
     for seed in range(seeds):
         torch.manual_seed(seed)
-        agent = dac.DAC(dac.dataclasses.replace(cfg, seed=seed), *shape, device)
-        metric_sum = torch.zeros(len(dac.METRICS), device=device)
-        agents.append(agent)
-        steps.append(dac.make_train_step(agent, data, metric_sum, fast))
-        streams.append(torch.cuda.Stream() if device.type == "cuda" else None)
-
-    def round_():
-        for step, stream in zip(steps, streams):
-            if stream is None:
-                step()
-            else:
-                with torch.cuda.stream(stream):
-                    step()
+        agents.append(dac.DAC(dac.dataclasses.replace(cfg, seed=seed), *shape, device))
+    metric_sums = [torch.zeros(len(dac.METRICS), device=device) for _ in agents]
+    round_ = dac.make_train_step(agents, data, metric_sums, fast)
 
     for _ in range(warmup):
         round_()
