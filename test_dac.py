@@ -943,13 +943,13 @@ def test_eval_only_refuses_other_settings(ws, base_run):
 # ======================================================================================================
 # Toy bandit (PAPER.md section 10, Figure 2)
 # ======================================================================================================
-# The paper's bandit claims (Figure 2, PAPER.md section 10) on dataset 0, two Gaussians, with reduced steps.
+# The paper's bandit claims (Figure 2, PAPER.md section 10) on dataset 0, two Gaussians.
 #
 # Each test would fail if the guidance were wrong: a flipped or missing Q-gradient leaves soft samples no better
 # than BC; soft guidance without its sqrt(1 - abar_t) factor is hard guidance and leaves the support as often.
-# Soft guidance keeps >= 90% of its samples inside the support only after ~12,000 of the paper's 20,000 steps
-# (toy_bandit.py's docstring), so that test runs the paper's full length (~2 min on 2 cores) and is opt-in:
-#     DAC_SLOW_TESTS=1 python -m pytest -q test_dac.py -k bandit
+# Reward and hard-vs-soft show after 1,500 steps. Keeping >= 90% of soft samples inside the support does not:
+# it needs a sharp behaviour model, which takes the paper's 20,000 steps here (87% after 12,000; see
+# toy_bandit.py's docstring), so that test trains BC and soft for the full length (~105 s on 2 cores).
 
 
 FAST_STEPS = 1500  # enough for soft guidance to separate from BC and from hard guidance on dataset 0
@@ -994,9 +994,8 @@ def test_hard_guidance_leaves_support_more_than_soft(fast_summary):
     assert fast_summary["hard"]["in_support"] < fast_summary["soft"]["in_support"], fast_summary
 
 
-@pytest.mark.skipif(not os.environ.get("DAC_SLOW_TESTS"), reason="paper-length run (~2 min on 2 cores); "
-                    "set DAC_SLOW_TESTS=1")
 def test_soft_guidance_stays_in_support_at_paper_length(tmp_path):
+    """Soft guidance raises the reward over BC and keeps >= 90% of its samples within 3 sigma of a centre."""
     cfg = toy_bandit.BanditConfig(steps=20000, datasets=[0], methods=["bc", "soft"], out=str(tmp_path))
     scores = toy_bandit.run(cfg)["datasets"]["two Gaussians"]["methods"]
     assert scores["soft"]["in_support"] >= 0.9, scores
