@@ -42,6 +42,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 # ======================================================================================================
@@ -371,16 +372,32 @@ def timestep_features(t: torch.Tensor, dim: int = 16) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """Mish, x tanh(softplus(x)). Under torch.compile it is written with one exp, tanh(softplus(x)) = n / (n + 2)
+    with n = e^x (e^x + 2), which compiles to much faster code (on the 2-core CPU 1.6 ms against 16 ms for a
+    (10, 2560, 256) tensor; max difference 5e-7). Eagerly, F.mish's single kernel is the faster one."""
+    if not torch.compiler.is_compiling():
+        return F.mish(x)
+    e = torch.exp(x.clamp(max=20.0))  # above 20, n / (n + 2) is 1 in float32
+    n = e * (e + 2)
+    return x * n / (n + 2)
+
+
+class Mish(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mish(x)
+
+
 class NoiseMLP(nn.Module):
     """eps_theta(s, x_t, t): MLP on [s, x_t, time MLP(sinusoidal(t))], 3 hidden layers, Mish."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, time_dim: int = 16):
         super().__init__()
         self.act_dim = act_dim
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 32), nn.Mish(), nn.Linear(32, 32))
-        self.net = nn.Sequential(nn.Linear(obs_dim + act_dim + 32, hidden), nn.Mish(),
-                                 nn.Linear(hidden, hidden), nn.Mish(),
-                                 nn.Linear(hidden, hidden), nn.Mish(),
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 32), Mish(), nn.Linear(32, 32))
+        self.net = nn.Sequential(nn.Linear(obs_dim + act_dim + 32, hidden), Mish(),
+                                 nn.Linear(hidden, hidden), Mish(),
+                                 nn.Linear(hidden, hidden), Mish(),
                                  nn.Linear(hidden, act_dim))
 
     def forward(self, s: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -413,9 +430,9 @@ class EnsembleCritic(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_qs: int = 10):
         super().__init__()
-        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, num_qs), nn.Mish(),
-                                 VectorizedLinear(hidden, hidden, num_qs), nn.Mish(),
-                                 VectorizedLinear(hidden, hidden, num_qs), nn.Mish(),
+        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, num_qs), Mish(),
+                                 VectorizedLinear(hidden, hidden, num_qs), Mish(),
+                                 VectorizedLinear(hidden, hidden, num_qs), Mish(),
                                  VectorizedLinear(hidden, 1, num_qs))
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from unittest import mock
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -564,7 +565,20 @@ def test_ensemble_members_are_independent_mlps():
     actor = dac.NoiseMLP(S, A)
     assert [m.out_features for m in actor.net if isinstance(m, nn.Linear)] == [256, 256, 256, A]
     assert [m.out_features for m in actor.time_mlp if isinstance(m, nn.Linear)] == [32, 32]
-    assert actor.time_mlp[0].in_features == 16 and sum(isinstance(m, nn.Mish) for m in actor.net) == 3
+    assert actor.time_mlp[0].in_features == 16 and sum(isinstance(m, dac.Mish) for m in actor.net) == 3
+
+
+def test_mish_one_exp_form_used_under_compile_matches_f_mish():
+    """The form dac.mish takes inside torch.compile equals F.mish, values and gradients, over a wide range."""
+    x = torch.cat([torch.linspace(-40, 40, 4001), torch.tensor([-100.0, 0.0, 100.0])]).requires_grad_(True)
+    with mock.patch("torch.compiler.is_compiling", return_value=True):
+        y = dac.mish(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    x_ref = x.detach().requires_grad_(True)
+    y_ref = nn.functional.mish(x_ref)
+    (g_ref,) = torch.autograd.grad(y_ref.sum(), x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
 
 
 def test_defaults_are_the_papers_and_presets_apply_before_flags():
