@@ -1,6 +1,6 @@
 """Throughput benchmark for dac.py: gradient steps/s (eager vs fast), acting latency, evaluation time, memory.
 
-    python bench/throughput.py [--devices cpu cuda] [--out bench/results.json]
+    python bench/throughput.py [--devices cpu cuda] [--seeds 2 4 8] [--out bench/results.json]
 
 Shapes are the paper's defaults (B=256, H=10, N=10, N_a=10, T=5, hidden 256) at hopper (S=11, A=3) and
 walker2d (S=17, A=6) sizes, on random data resident on the device. Prints a table and writes JSON.
@@ -98,7 +98,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     p.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
-    p.add_argument("--seeds", type=int, default=4, help="seeds trained together in the multi-seed measurement")
+    p.add_argument("--seeds", type=int, nargs="+", default=[4],
+                   help="numbers of seeds trained together in the multi-seed measurements")
     p.add_argument("--out", default="bench/results.json")
     args = p.parse_args()
 
@@ -127,15 +128,17 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         if name == "cuda":
-            sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seeds=args.seeds, seconds=seconds)
-            row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": args.seeds,
-                   "steps_per_sec": round(sps, 1)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            single = next(r["steps_per_sec"] for r in rows if r["device"] == name and r["mode"] == "fast")
+            for seeds in args.seeds:
+                sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seeds=seeds, seconds=seconds)
+                row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": seeds,
+                       "steps_per_sec": round(sps, 1), "vs_one_seed": round(sps / single, 2)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
 
     print(f"\n{info}")
-    cols = ["device", "shape", "mode", "seeds", "steps_per_sec", "act_1_ms", "act_10_ms", "eval_10_episodes_s",
-            "peak_mem_mib"]
+    cols = ["device", "shape", "mode", "seeds", "steps_per_sec", "vs_one_seed", "act_1_ms", "act_10_ms",
+            "eval_10_episodes_s", "peak_mem_mib"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))
