@@ -870,7 +870,7 @@ def plot_curve(history: list, path: Path, title: str) -> None:
 def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None) -> dict:
     """Load a checkpoint; with `cfg`, refuse one whose learning-relevant settings differ from it."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
         saved = ckpt["config"]
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). Expected a checkpoint.pt "
@@ -1005,6 +1005,9 @@ def main(argv: list | None = None) -> None:
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # before or after the training loop, which saves a checkpoint itself
+        print("interrupted (outside the training loop: nothing was in progress to save)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -743,6 +743,16 @@ def test_cli_end_to_end_on_local_minari(ws, tmp_path):
     check_outputs(tmp_path / "run", steps=20, eval_every=10, hidden_dim=24)
 
 
+def test_ctrl_c_while_loading_data_exits_130_without_traceback(ws, tmp_path):
+    """A real SIGINT before training starts (here: while the dataset loads) ends cleanly, leaving no outputs."""
+    script = ("import os, signal, sys\nimport dac\nload = dac.load_dataset\n"
+              "def interrupted_load(*a):\n    os.kill(os.getpid(), signal.SIGINT)\n    return load(*a)\n"
+              "dac.load_dataset = interrupted_load\ndac.main(sys.argv[1:])\n")
+    proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", tmp_path / "run"], ws.env, script=script)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "interrupted" in proc.stderr and not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_resume_after_interruption_is_exact(base_run, ws, tmp_path):
     """Ctrl-C after step 27 (mid evaluation window), then --resume: the final checkpoint equals the
     uninterrupted run's tensor for tensor (networks, optimisers, eta, step, RNG, metric sums, history)."""
