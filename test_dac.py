@@ -791,6 +791,19 @@ def test_seeds_trained_together_match_seeds_trained_alone(base_run, ws, tmp_path
     assert not torch.equal(other["agent"]["nets"]["actor.net.0.weight"], grouped["agent"]["nets"]["actor.net.0.weight"])
 
 
+def test_resuming_seeds_at_different_steps_together_is_refused(base_run, ws, tmp_path):
+    """--seeds trains in lock-step, so a group whose checkpoints stand at different steps is refused, intact."""
+    group = tmp_path / "group"
+    shutil.copytree(base_run.out, group / "seed0")  # seed 0 finished: step 40
+    first = cli(["27", *BASE_RUN, "--dataset", ws.hdf5, "--seed", "1", "--out", group / "seed1"], ws.env,
+                script=INTERRUPT_AFTER_STEP)
+    assert first.returncode == 130, first.stderr[-3000:]
+    before = (group / "seed1" / "checkpoint.pt").read_bytes()
+    proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", group, "--seeds", "0", "1", "--resume"], ws.env)
+    assert_user_error(proc, "seed 0: 40", "seed 1: 27", "--seed N --resume")
+    assert (group / "seed1" / "checkpoint.pt").read_bytes() == before
+
+
 def test_eval_only_reproduces_the_last_evaluation(base_run, ws):
     proc = cli(["--eval-only", base_run.out / "checkpoint.pt", "--eval-episodes", "2", "--no-fast"], ws.env)
     assert_ok(proc)
