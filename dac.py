@@ -922,6 +922,18 @@ def train(cfgs: list, device: torch.device) -> None:
                               f"(return {row['return_mean']:.0f}), eta {row['eta']:.3f}, "
                               f"{row['steps_per_sec']:.0f} steps/s")
                     bar.set_postfix(score=f"{row['normalized_score']:.1f}", sps=f"{row['steps_per_sec']:.0f}")
+    except Exception:
+        if not interrupted:
+            raise
+        # A terminal's Ctrl-C reaches the whole process group, so it also stops the compiler processes (g++,
+        # ptxas) that torch.compile runs at the start and at the first evaluation, and that compile fails. A step
+        # may then be half done, so nothing is saved: the checkpoints of the last evaluation stay as they were.
+        last = [r for r in runs if (r.out / "checkpoint.pt").exists()]
+        print(f"interrupted while torch.compile was compiling (Ctrl-C stops its compiler too). Nothing was "
+              f"saved at this point; " + ("the checkpoints of the last evaluation are intact: continue with the "
+                                          "same command + --resume" if last else "no checkpoint was written "
+                                          "yet: run the same command again to start over"), file=sys.stderr)
+        sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()

@@ -753,6 +753,23 @@ def test_ctrl_c_while_loading_data_exits_130_without_traceback(ws, tmp_path):
     assert "interrupted" in proc.stderr and not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_ctrl_c_that_breaks_a_compile_keeps_the_last_checkpoint(ws, tmp_path):
+    """Ctrl-C reaches the whole process group, so it can kill torch.compile's compiler and make the step fail.
+    Simulated: at step 27 a SIGINT arrives and the step raises. Exit 130, no traceback, and the checkpoint of the
+    step-20 evaluation is left as it was (the failed step may be half done, so it must not be saved)."""
+    script = ("import os, signal, sys\nimport dac\nmake = dac.make_train_step\n"
+              "def make_failing(*a):\n    step, calls = make(*a), []\n"
+              "    def failing():\n        calls.append(1)\n        if len(calls) == 27:\n"
+              "            os.kill(os.getpid(), signal.SIGINT)\n            raise RuntimeError('compiler stopped')\n"
+              "        step()\n    return failing\n"
+              "dac.make_train_step = make_failing\ndac.main(sys.argv[1:])\n")
+    out = tmp_path / "run"
+    proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env, script=script)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "interrupted while torch.compile was compiling" in proc.stderr and "--resume" in proc.stderr
+    assert int(load_ckpt(out / "checkpoint.pt")["agent"]["nets"]["step"]) == 20
+
+
 def test_resume_after_interruption_is_exact(base_run, ws, tmp_path):
     """Ctrl-C after step 27 (mid evaluation window), then --resume: the final checkpoint equals the
     uninterrupted run's tensor for tensor (networks, optimisers, eta, step, RNG, metric sums, history)."""
