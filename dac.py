@@ -297,6 +297,7 @@ def load_dataset(cfg: Config, obs_dim: int, act_dim: int) -> dict:
                             f"clean or regenerate it.")
     d["actions"] = np.clip(d["actions"], -1 + 1e-5, 1 - 1e-5)
     d["rewards"] = d["rewards"] * reward_scale(d["rewards"], episode_ends(d))
+    print(f"data: {len(d['rewards'])} transitions from {', '.join(sources)}")
     return {k: d[k].astype(np.float32) for k in ("observations", "actions", "rewards", "next_observations",
                                                   "terminals")}
 
@@ -350,7 +351,7 @@ def ddpm_sample(actor: nn.Module, state: torch.Tensor, sched: dict, gen: torch.G
     noise = torch.randn(T, M, actor.act_dim, device=state.device, generator=gen)  # (T, M, A): all draws at once
     x = noise[0]  # (M, A): x_T; noise[T - t + 1] is the noise added at step t
     for t in range(T, 0, -1):
-        eps = actor(state, x, torch.tensor(t, device=state.device))  # (M, A)
+        eps = actor(state, x, torch.full((), t, device=state.device))  # (M, A); a fill, not a host copy
         x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
         if clip_x0:
             x0 = x0.clamp(-1, 1)
@@ -889,7 +890,6 @@ def train(cfgs: list, device: torch.device) -> None:
     (on CUDA each on its own stream, all captured in one graph on the fast path)."""
     dims = task_dims(cfgs[0].env)
     data = DeviceData(load_dataset(cfgs[0], *dims), device)
-    print(f"data: {data.size} transitions from {', '.join(cfgs[0].dataset or default_sources(cfgs[0].env)[0])}")
     runs = [Run(cfg, data, dims, device) for cfg in cfgs]
     if len({run.step for run in runs}) > 1:
         raise UserError(f"--resume: the seeds' checkpoints are at different steps "
@@ -928,10 +928,10 @@ def train(cfgs: list, device: torch.device) -> None:
         # A terminal's Ctrl-C reaches the whole process group, so it also stops the compiler processes (g++,
         # ptxas) that torch.compile runs at the start and at the first evaluation, and that compile fails. A step
         # may then be half done, so nothing is saved: the checkpoints of the last evaluation stay as they were.
-        last = [r for r in runs if (r.out / "checkpoint.pt").exists()]
+        saved_before = any((r.out / "checkpoint.pt").exists() for r in runs)
         print(f"interrupted while torch.compile was compiling (Ctrl-C stops its compiler too). Nothing was "
               f"saved at this point; " + ("the checkpoints of the last evaluation are intact: continue with the "
-                                          "same command + --resume" if last else "no checkpoint was written "
+                                          "same command + --resume" if saved_before else "no checkpoint was written "
                                           "yet: run the same command again to start over"), file=sys.stderr)
         sys.exit(130)
     finally:

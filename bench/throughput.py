@@ -61,10 +61,10 @@ def steps_per_sec(device, shape, fast, seeds=1, seconds=3.0, warmup=5):
     return n * seeds / elapsed, agents[0]
 
 
-def act_latency_ms(agent, batch, device, fast, repeats=50):
+def act_latency_ms(agent, obs_dim, batch, device, fast, repeats=50):
     gen = torch.Generator(device).manual_seed(0)
     act = dac.make_policy(agent, fast)
-    states = torch.randn(batch, agent.actor.net[0].in_features - agent.actor.act_dim - 32, device=device)
+    states = torch.randn(batch, obs_dim, device=device)
     for _ in range(5):
         act(states, gen).cpu()
     times = []
@@ -121,8 +121,8 @@ def main():
                 if name == "cuda":
                     row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
                 if shape_name == "hopper":
-                    row["act_1_ms"] = round(act_latency_ms(agent, 1, device, fast), 2)
-                    row["act_10_ms"] = round(act_latency_ms(agent, 10, device, fast), 2)
+                    row["act_1_ms"] = round(act_latency_ms(agent, shape[0], 1, device, fast), 2)
+                    row["act_10_ms"] = round(act_latency_ms(agent, shape[0], 10, device, fast), 2)
                     if fast:
                         row["eval_10_episodes_s"] = eval_seconds(agent, device)
                 rows.append(row)
