@@ -349,9 +349,10 @@ def ddpm_sample(actor: nn.Module, state: torch.Tensor, sched: dict, gen: torch.G
     alphas, betas, abar = sched["alphas"], sched["betas"], sched["abar"]
     M, T = state.shape[0], len(alphas) - 1
     noise = torch.randn(T, M, actor.act_dim, device=state.device, generator=gen)  # (T, M, A): all draws at once
+    temb = actor.time_embedding(torch.arange(1, T + 1, device=state.device))  # (T, 32): row t - 1 is step t
     x = noise[0]  # (M, A): x_T; noise[T - t + 1] is the noise added at step t
     for t in range(T, 0, -1):
-        eps = actor(state, x, torch.full((), t, device=state.device))  # (M, A); a fill, not a host copy
+        eps = actor.predict(state, x, temb[t - 1])  # (M, A)
         x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
         if clip_x0:
             x0 = x0.clamp(-1, 1)
@@ -401,10 +402,17 @@ class NoiseMLP(nn.Module):
                                  nn.Linear(hidden, hidden), Mish(),
                                  nn.Linear(hidden, act_dim))
 
-    def forward(self, s: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """s (M, S), x (M, A); t (M,) steps, or one step () shared by all M rows (the sampler's case)."""
-        temb = self.time_mlp(timestep_features(t.reshape(-1)))  # (M, 32) or (1, 32)
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """t (M,) integer steps -> (M, 32)."""
+        return self.time_mlp(timestep_features(t))
+
+    def predict(self, s: torch.Tensor, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """eps_theta from a ready time embedding: s (M, S), x (M, A), temb (M, 32) or one row (32,) for all M."""
         return self.net(torch.cat([s, x, temb.expand(x.shape[0], -1)], dim=-1))  # (M, A)
+
+    def forward(self, s: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """s (M, S), x (M, A), t (M,) -> (M, A)."""
+        return self.predict(s, x, self.time_embedding(t))
 
 
 class VectorizedLinear(nn.Module):
@@ -537,8 +545,9 @@ class DAC(nn.Module):
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))
         self.to(device)
         self.gen = torch.Generator(device).manual_seed(cfg.seed)  # all of this agent's training randomness
-        # Tensor learning rates are set inside the step, so the schedule lives in the captured graph too.
-        adam = dict(fused=True, capturable=device.type == "cuda")
+        # Tensor learning rates are set inside the step, so the schedule lives in the captured graph too. On CUDA
+        # foreach, not fused: compiled, it beat the fused kernel on the H100 (1064 against 1003 steps/s).
+        adam = dict(foreach=True, capturable=True) if device.type == "cuda" else dict(fused=True)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=torch.tensor(cfg.actor_lr, device=device),
                                           **adam)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(),
@@ -701,6 +710,7 @@ def make_train_step(agents: list, data: DeviceData, metric_sums: list, fast: boo
 
     if fast and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default for float32 matmuls on GPUs
+        torch.backends.cuda.preferred_blas_library("cublaslt")  # faster kernels for these small products (+3%)
         return CapturedStep(step, [a.gen for a in agents])
     return step
 

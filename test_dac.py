@@ -256,7 +256,10 @@ class PointMassDenoiser(nn.Module):
         super().__init__()
         self.act_dim, self.target, self.abar, self.seen = len(target), torch.tensor(target), abar, []
 
-    def forward(self, s, x, t):
+    def time_embedding(self, t):  # the sampler's interface (NoiseMLP's): the step stands for its embedding
+        return t
+
+    def predict(self, s, x, t):
         self.seen.append((int(t), x.clone()))
         ab = self.abar[t].unsqueeze(-1)
         return (x - ab.sqrt() * self.target) / (1 - ab).sqrt()
@@ -323,7 +326,8 @@ def test_lcb_arithmetic():
 
 
 def count_calls(*modules) -> list:
-    """Forward calls of each module, counted by pre-hooks (independent of how the code calls them)."""
+    """Forward calls of each module, counted by pre-hooks (independent of how the code calls them). For an actor,
+    pass its body `.net`: the sampler calls that once per denoising step."""
     counts = [0] * len(modules)
     for i, m in enumerate(modules):
         m.register_forward_pre_hook(lambda mod, args, i=i: counts.__setitem__(i, counts[i] + 1))
@@ -333,7 +337,7 @@ def count_calls(*modules) -> list:
 def test_critic_target_uses_target_actor_and_lcb_over_n_next_actions():
     agent = tiny_agent(rho=1.5, gamma=0.9)
     agent.target_critic = RecordingCritic(agent.cfg.num_qs, w=(1.0, -2.0, 0.5))
-    calls = count_calls(agent.actor, agent.target_actor)
+    calls = count_calls(agent.actor.net, agent.target_actor.net)
     batch = random_batch()
     y = agent.critic_target(batch)
 
@@ -529,7 +533,7 @@ def test_pick_best_is_the_argmax_and_clips():
 def test_act_samples_online_actor_and_takes_argmax_of_target_q():
     agent = tiny_agent(num_action_samples=7)
     agent.target_critic = RecordingCritic(agent.cfg.num_qs, w=(1.0, 0.0, 0.0))  # best = largest a[0]
-    calls = count_calls(agent.actor, agent.target_actor)
+    calls = count_calls(agent.actor.net, agent.target_actor.net)
     states = torch.randn(4, S)
     acts = agent.act(states, torch.Generator().manual_seed(5))
     assert calls == [agent.cfg.T, 0]  # sampled from the online actor, not the EMA one
