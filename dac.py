@@ -71,8 +71,8 @@ class Config:
     out: str = arg("", "output folder (default runs/<env>/seed<seed>)")
     resume: bool = arg(False, "continue from <out>/checkpoint.pt with exactly its state")
     eval_only: str = arg("", "evaluate the agent in this checkpoint and exit")
-    fast: bool = arg(True, "torch.compile the gradient step and acting; on CUDA also replay the step as one CUDA "
-                           "graph (--no-fast: plain eager PyTorch)")
+    fast: bool = arg(True, "torch.compile the gradient step and acting; on CUDA also replay each as a CUDA graph "
+                           "(--no-fast: plain eager PyTorch)")
     # --- actor: diffusion policy and Q-guidance (paper sections 2, 4, 5)
     guidance: str = arg("soft", "Q-guidance of the actor loss ('none': plain diffusion behaviour cloning)",
                         choices=["soft", "hard", "denoised", "none"])
@@ -643,7 +643,7 @@ METRICS = ("critic_loss", "bc_loss", "guidance_loss", "eta", "q_mean", "q_ensemb
 
 
 # ======================================================================================================
-# Fast path: the same step, captured once as a CUDA graph and replayed
+# Fast path: the same step and policy, captured as CUDA graphs and replayed
 # ======================================================================================================
 class CapturedStep:
     """Wraps `step_fn` (one whole gradient step, batch sampling included, of one or several agents). The first
@@ -675,9 +675,41 @@ class CapturedStep:
         self.graph.replay()
 
 
+class CapturedPolicy:
+    """`act(states, gen)` (compiled DAC.act) captured as a CUDA graph for one batch size and one generator, and
+    replayed: an evaluation makes 1000 calls with the same ones. A new batch size or generator (each evaluation
+    has its own) captures again, after two warm-up calls that draw from a scratch generator, so the actions are
+    those of the uncaptured policy. The returned actions are overwritten by the next call."""
+
+    def __init__(self, act):
+        self.act, self.key, self.graph = act, None, None
+
+    def __call__(self, states: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.key != (states.shape, gen):
+            self.states, scratch = states.clone(), torch.Generator(states.device).manual_seed(0)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.act(self.states, scratch)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            self.graph.register_generator_state(gen)
+            with torch.cuda.graph(self.graph):
+                self.actions = self.act(self.states, gen)
+            self.key = (states.shape, gen)
+        self.states.copy_(states)
+        self.graph.replay()
+        return self.actions
+
+
 def make_policy(agent: DAC, fast: bool):
-    """Policy extraction as used for acting and evaluation: DAC.act, compiled on the fast path."""
-    return torch.compile(agent.act) if fast else agent.act
+    """Policy extraction as used for acting and evaluation: DAC.act; on the fast path compiled, and on CUDA
+    also captured as a CUDA graph."""
+    if not fast:
+        return agent.act
+    act = torch.compile(agent.act)
+    return CapturedPolicy(act) if agent.step.device.type == "cuda" else act
 
 
 def make_train_step(agents: list, data: DeviceData, metric_sums: list, fast: bool):

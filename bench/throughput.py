@@ -7,6 +7,7 @@ walker2d (S=17, A=6) sizes, on random data resident on the device. Prints a tabl
 """
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -114,12 +115,15 @@ def main():
         for shape_name, shape in SHAPES.items():
             for fast in (False, True):
                 if name == "cuda":
+                    torch._dynamo.reset()  # drop the earlier rows' compiled code, which holds their agents
+                    gc.collect()
                     torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
                 sps, agent = steps_per_sec(device, shape, fast, seconds=seconds)
                 row = {"device": name, "shape": shape_name, "mode": "fast" if fast else "eager", "seeds": 1,
                        "steps_per_sec": round(sps, 1)}
                 if name == "cuda":
-                    row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+                    row["peak_mem_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20)
                 if shape_name == "hopper":
                     row["act_1_ms"] = round(act_latency_ms(agent, shape[0], 1, device, fast), 2)
                     row["act_10_ms"] = round(act_latency_ms(agent, shape[0], 10, device, fast), 2)
