@@ -27,6 +27,7 @@ Deliberate differences from the official code (README.md lists them with reasons
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -645,6 +646,17 @@ METRICS = ("critic_loss", "bc_loss", "guidance_loss", "eta", "q_mean", "q_ensemb
 # ======================================================================================================
 # Fast path: the same step and policy, captured as CUDA graphs and replayed
 # ======================================================================================================
+@contextlib.contextmanager
+def side_stream():
+    """Run the enclosed CUDA work on a fresh stream that starts after, and is awaited by, the current one: warm-up
+    runs and graph captures must stay off the default stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield side
+    torch.cuda.current_stream().wait_stream(side)
+
+
 class CapturedStep:
     """Wraps `step_fn` (one whole gradient step, batch sampling included, of one or several agents). The first
     `warmup` calls run it eagerly on a side stream (CUDA graphs need that); the next call captures it as one CUDA
@@ -657,9 +669,7 @@ class CapturedStep:
 
     def __call__(self) -> None:
         if self.graph is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with side_stream() as side:
                 if self.calls < self.warmup:
                     self.calls += 1
                     self.step_fn()
@@ -669,7 +679,6 @@ class CapturedStep:
                         self.graph.register_generator_state(gen)
                     with torch.cuda.graph(self.graph, stream=side):
                         self.step_fn()
-            torch.cuda.current_stream().wait_stream(side)
             if self.graph is None:
                 return
         self.graph.replay()
@@ -687,12 +696,9 @@ class CapturedPolicy:
     def __call__(self, states: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         if self.key != (states.shape, gen):
             self.states, scratch = states.clone(), torch.Generator(states.device).manual_seed(0)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            with side_stream():
                 for _ in range(2):
                     self.act(self.states, scratch)
-            torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             self.graph.register_generator_state(gen)
             with torch.cuda.graph(self.graph):
