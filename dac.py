@@ -780,7 +780,8 @@ def make_train_step(agents: list, data: DeviceData, metric_sums: list, fast: boo
     if fast and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default for float32 matmuls on GPUs
         torch.backends.cuda.preferred_blas_library("cublaslt")  # faster kernels for these small products (+3%)
-        torch._inductor.config.combo_kernels = True  # independent small kernels launched as one (+5%)
+        if hasattr(torch._inductor.config, "combo_kernels"):  # independent small kernels launched as one (+5%)
+            torch._inductor.config.combo_kernels = True
         return CapturedStep(step, [a.gen for a in agents])
     return step
 
