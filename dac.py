@@ -922,9 +922,9 @@ class Run:
         plot_curve(self.history, self.out / "curve.png", f"DAC {self.cfg.env} seed {self.cfg.seed}")
 
     def save_checkpoint(self) -> None:
-        ckpt = {"config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
-                "metric_sum": self.metric_sum.cpu(), "metric_count": self.metric_count,
-                "history": self.history, "wall": self.elapsed()}
+        ckpt = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
+                "metric_sum": self.metric_sum.cpu(), "metric_count": self.metric_count, "history": self.history,
+                "wall": self.elapsed()}
         tmp = self.out / "checkpoint.pt.tmp"
         torch.save(ckpt, tmp)
         os.replace(tmp, self.out / "checkpoint.pt")
@@ -949,6 +949,9 @@ def plot_curve(history: list, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+CHECKPOINT_FORMAT = 2  # 2: the optimiser moments are buffers of the agent, saved with its networks
+
+
 def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None) -> dict:
     """Load a checkpoint; with `cfg`, refuse one whose learning-relevant settings differ from it."""
     try:
@@ -957,6 +960,10 @@ def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). Expected a checkpoint.pt "
                         f"written by dac.py.") from None
+    if ckpt.get("format", 1) != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} has format {ckpt.get('format', 1)}, written by another version of "
+                        f"dac.py; this one reads format {CHECKPOINT_FORMAT}. Resume or evaluate it with the dac.py "
+                        f"that wrote it, or start a new run in another --out.")
     if cfg is not None:
         differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(cfg).items()
                   if k not in RUN_ONLY_FIELDS and saved.get(k) != v]

@@ -995,6 +995,18 @@ def test_unreadable_checkpoint(ws, run_copy):
     assert_user_error(cli(["--eval-only", run_copy / "checkpoint.pt", "--no-fast"], ws.env), "cannot read checkpoint")
 
 
+def test_checkpoint_of_another_format_is_refused(ws, run_copy):
+    path = run_copy / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["format"]  # as written before formats were numbered
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    assert_user_error(cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume"], ws.env), "format 1",
+                      "reads format 2")
+    assert_user_error(cli(["--eval-only", path, "--no-fast"], ws.env), "format 1")
+    assert path.read_bytes() == before
+
+
 def test_eval_only_refuses_other_settings(ws, base_run):
     assert_user_error(cli(["--eval-only", base_run.out / "checkpoint.pt", "--no-fast", "--hidden-dim", "64"], ws.env),
                       "--hidden-dim")
