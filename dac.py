@@ -758,7 +758,7 @@ def make_train_step(agents: list, data: DeviceData, metric_sums: list, fast: boo
 
     if fast:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one per seed
-        if hasattr(torch._dynamo.config, "trace_autograd_ops"):  # torch >= 2.11: autograd.grad joins the graph
+        if hasattr(torch._dynamo.config, "trace_autograd_ops"):  # (torch 2.11, 2.13) autograd.grad joins the graph
             torch._dynamo.config.trace_autograd_ops = True
     agent_steps = [make_agent_step(agent, sums) for agent, sums in zip(agents, metric_sums)]
     cuda = metric_sums[0].device.type == "cuda"
