@@ -960,8 +960,9 @@ def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). Expected a checkpoint.pt "
                         f"written by dac.py.") from None
-    if ckpt.get("format", 1) != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint {path} has format {ckpt.get('format', 1)}, written by another version of "
+    fmt = ckpt.get("format", 1)  # checkpoints before format 2 had no number
+    if fmt != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} has format {fmt}, written by another version of "
                         f"dac.py; this one reads format {CHECKPOINT_FORMAT}. Resume or evaluate it with the dac.py "
                         f"that wrote it, or start a new run in another --out.")
     if cfg is not None:
