@@ -1,6 +1,7 @@
 """Throughput benchmark for dac.py: gradient steps/s (eager vs fast), acting latency, evaluation time, memory.
 
-    python bench/throughput.py [--devices cpu cuda] [--seeds 2 4 8] [--out bench/results.json]
+    python bench/throughput.py [--devices cpu cuda] [--seeds 2 4 8] [--batch-multiples 2 4 8]
+                               [--out bench/results.json]
 
 Shapes are the paper's defaults (B=256, H=10, N=10, N_a=10, T=5, hidden 256) at hopper (S=11, A=3) and
 walker2d (S=17, A=6) sizes, on random data resident on the device. Prints a table and writes JSON.
@@ -36,9 +37,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def steps_per_sec(device, shape, fast, seeds=1, seconds=3.0, warmup=5):
+def steps_per_sec(device, shape, fast, seeds=1, seconds=3.0, warmup=5, batch_size=256):
     """Aggregate gradient steps/s of `seeds` independent agents trained in lock-step, as `dac.py --seeds` does."""
-    cfg = dac.Config(fast=fast, steps=2_000_000)
+    cfg = dac.Config(fast=fast, steps=2_000_000, batch_size=batch_size)
     data = random_data(*shape, device)
     agents = []
     for seed in range(seeds):
@@ -101,6 +102,9 @@ def main():
     p.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
     p.add_argument("--seeds", type=int, nargs="+", default=[4],
                    help="numbers of seeds trained together in the multi-seed measurements")
+    p.add_argument("--batch-multiples", type=int, nargs="+", default=[4],
+                   help="also time one seed whose batch is this many times 256: the samples of that many seeds in "
+                        "one step, a bound on what training seeds as one more batch dimension could give")
     p.add_argument("--out", default="bench/results.json")
     args = p.parse_args()
 
@@ -121,7 +125,7 @@ def main():
                     before = torch.cuda.memory_allocated()
                 sps, agent = steps_per_sec(device, shape, fast, seconds=seconds)
                 row = {"device": name, "shape": shape_name, "mode": "fast" if fast else "eager", "seeds": 1,
-                       "steps_per_sec": round(sps, 1)}
+                       "batch": 256, "steps_per_sec": round(sps, 1)}
                 if name == "cuda":
                     row["peak_mem_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20)
                 if shape_name == "hopper":
@@ -135,14 +139,20 @@ def main():
             single = next(r["steps_per_sec"] for r in rows if r["device"] == name and r["mode"] == "fast")
             for seeds in args.seeds:
                 sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seeds=seeds, seconds=seconds)
-                row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": seeds,
+                row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": seeds, "batch": 256,
                        "steps_per_sec": round(sps, 1), "vs_one_seed": round(sps / single, 2)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            for k in args.batch_multiples:
+                sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seconds=seconds, batch_size=256 * k)
+                row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": 1, "batch": 256 * k,
+                       "steps_per_sec": round(sps, 1), "samples_vs_one_seed": round(k * sps / single, 2)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
     print(f"\n{info}")
-    cols = ["device", "shape", "mode", "seeds", "steps_per_sec", "vs_one_seed", "act_1_ms", "act_10_ms",
-            "eval_10_episodes_s", "peak_mem_mib"]
+    cols = ["device", "shape", "mode", "seeds", "batch", "steps_per_sec", "vs_one_seed", "samples_vs_one_seed",
+            "act_1_ms", "act_10_ms", "eval_10_episodes_s", "peak_mem_mib"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))
