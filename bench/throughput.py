@@ -104,7 +104,7 @@ def main():
                    help="numbers of seeds trained together in the multi-seed measurements")
     p.add_argument("--batch-multiples", type=int, nargs="+", default=[4],
                    help="also time one seed whose batch is this many times 256: the samples of that many seeds in "
-                        "one step, a bound on what training seeds as one more batch dimension could give")
+                        "one step, an estimate of what training seeds as one more batch dimension could give")
     p.add_argument("--out", default="bench/results.json")
     args = p.parse_args()
 
