@@ -1020,7 +1020,8 @@ def test_eval_only_refuses_other_settings(ws, base_run):
 # than BC; soft guidance without its sqrt(1 - abar_t) factor is hard guidance and leaves the support as often.
 # Reward and hard-vs-soft show after 1,500 steps. Keeping >= 90% of soft samples inside the support does not:
 # it needs a sharp behaviour model, which takes the paper's 20,000 steps here (87% after 12,000; see
-# toy_bandit.py's docstring), so that test trains BC and soft for the full length (~105 s on 2 cores).
+# toy_bandit.py's docstring), so that test trains BC and soft for the full length (~105 s on 2 cores). It holds
+# with the default seed 0 (93%), not with seeds 1-3 (77/89/88%; README.md): it guards this seed's result.
 
 
 FAST_STEPS = 1500  # enough for soft guidance to separate from BC and from hard guidance on dataset 0
