@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dac  # noqa: E402
 
 SHAPES = {"hopper": (11, 3), "walker2d": (17, 6)}
+BATCH = dac.Config().batch_size  # the paper's 256
 
 
 def random_data(obs_dim, act_dim, device, n=100_000):
@@ -37,7 +38,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def steps_per_sec(device, shape, fast, seeds=1, seconds=3.0, warmup=5, batch_size=256):
+def steps_per_sec(device, shape, fast, seeds=1, seconds=3.0, warmup=5, batch_size=BATCH):
     """Aggregate gradient steps/s of `seeds` independent agents trained in lock-step, as `dac.py --seeds` does."""
     cfg = dac.Config(fast=fast, steps=2_000_000, batch_size=batch_size)
     data = random_data(*shape, device)
@@ -109,6 +110,11 @@ def main():
     args = p.parse_args()
 
     rows = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
     info = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
@@ -125,7 +131,7 @@ def main():
                     before = torch.cuda.memory_allocated()
                 sps, agent = steps_per_sec(device, shape, fast, seconds=seconds)
                 row = {"device": name, "shape": shape_name, "mode": "fast" if fast else "eager", "seeds": 1,
-                       "batch": 256, "steps_per_sec": round(sps, 1)}
+                       "batch": BATCH, "steps_per_sec": round(sps, 1)}
                 if name == "cuda":
                     row["peak_mem_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20)
                 if shape_name == "hopper":
@@ -133,22 +139,19 @@ def main():
                     row["act_10_ms"] = round(act_latency_ms(agent, shape[0], 10, device, fast), 2)
                     if fast:
                         row["eval_10_episodes_s"] = eval_seconds(agent, device)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                record(row)
         if name == "cuda":
             single = next(r["steps_per_sec"] for r in rows if r["device"] == name and r["mode"] == "fast")
             for seeds in args.seeds:
                 sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seeds=seeds, seconds=seconds)
-                row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": seeds, "batch": 256,
+                row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": seeds, "batch": BATCH,
                        "steps_per_sec": round(sps, 1), "vs_one_seed": round(sps / single, 2)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                record(row)
             for k in args.batch_multiples:
-                sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seconds=seconds, batch_size=256 * k)
-                row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": 1, "batch": 256 * k,
+                sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seconds=seconds, batch_size=BATCH * k)
+                row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": 1, "batch": BATCH * k,
                        "steps_per_sec": round(sps, 1), "samples_vs_one_seed": round(k * sps / single, 2)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                record(row)
 
     print(f"\n{info}")
     cols = ["device", "shape", "mode", "seeds", "batch", "steps_per_sec", "vs_one_seed", "samples_vs_one_seed",
