@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -1064,6 +1065,25 @@ def test_soft_guidance_raises_reward_over_bc(fast_summary):
 
 def test_hard_guidance_leaves_support_more_than_soft(fast_summary):
     assert fast_summary["hard"]["in_support"] < fast_summary["soft"]["in_support"], fast_summary
+
+
+def test_bandit_worker_error_reaches_the_main_process_as_text(monkeypatch):
+    """A worker's exception that cannot be pickled (torch.compile's can hold a module) comes back as its text,
+    not as 'cannot pickle module'."""
+    class Unpicklable(Exception):
+        def __init__(self):
+            super().__init__("the compiler broke")
+            self.module = json
+
+    def fail(*_):
+        raise Unpicklable()
+
+    monkeypatch.setattr(toy_bandit, "train_agent", fail)
+    monkeypatch.setattr(toy_bandit, "_progress", SimpleNamespace(put=lambda n: None))
+    with pytest.raises(RuntimeError) as info:
+        toy_bandit._train_in_worker(0, "soft", toy_bandit.BanditConfig())
+    message = str(pickle.loads(pickle.dumps(info.value)))
+    assert "two Gaussians / soft" in message and "the compiler broke" in message
 
 
 def test_soft_guidance_stays_in_support_at_paper_length(tmp_path):

@@ -54,6 +54,7 @@ import multiprocessing
 import os
 import queue
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,7 +224,10 @@ def _init_worker(progress, threads: int) -> None:
 
 
 def _train_in_worker(idx: int, method: str, cfg: BanditConfig) -> dict:
-    return train_agent(idx, method, cfg, _progress.put)
+    try:
+        return train_agent(idx, method, cfg, _progress.put)
+    except Exception:  # some (torch.compile's) cannot be pickled back to the main process: send their text
+        raise RuntimeError(f"training {DATASETS[idx][0]} / {method} failed:\n{traceback.format_exc()}") from None
 
 
 def train_all(cfg: BanditConfig) -> dict:
