@@ -750,8 +750,10 @@ def test_cli_end_to_end_on_local_minari(ws, tmp_path):
 
 
 def test_ctrl_c_while_loading_data_exits_130_without_traceback(ws, tmp_path):
-    """A real SIGINT before training starts (here: while the dataset loads) ends cleanly, leaving no outputs."""
-    script = ("import os, signal, sys\nimport dac\nload = dac.load_dataset\n"
+    """A real SIGINT before training starts (here: while the dataset loads) ends cleanly, leaving no outputs.
+    Python's own SIGINT handler is put back first: a shell's background job (`pytest &`) starts with SIGINT ignored."""
+    script = ("import os, signal, sys\nimport dac\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              "load = dac.load_dataset\n"
               "def interrupted_load(*a):\n    os.kill(os.getpid(), signal.SIGINT)\n    return load(*a)\n"
               "dac.load_dataset = interrupted_load\ndac.main(sys.argv[1:])\n")
     proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", tmp_path / "run"], ws.env, script=script)
