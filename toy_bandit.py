@@ -193,8 +193,6 @@ def train_agent(idx: int, method: str, cfg: BanditConfig, report) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial networks for every method
     agent = BanditDAC(agent_config(method, cfg.steps, cfg.seed), obs_dim=1, act_dim=2, device=device)
     data = BanditData(torch.as_tensor(behaviour_actions(idx, cfg.seed), device=device))
-    if cfg.fast and device.type == "cuda":  # else torch 2.11's Inductor fails an assertion on these networks' step
-        torch._inductor.config.loop_ordering_after_fusion = False
     train_step = dac.make_train_step([agent], data, [torch.zeros(len(dac.METRICS), device=device)], cfg.fast)
     for step in range(1, cfg.steps + 1):
         train_step()
