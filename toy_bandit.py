@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -193,7 +194,9 @@ def train_agent(idx: int, method: str, cfg: BanditConfig, report) -> dict:
     torch.manual_seed(cfg.seed)  # the same initial networks for every method
     agent = BanditDAC(agent_config(method, cfg.steps, cfg.seed), obs_dim=1, act_dim=2, device=device)
     data = BanditData(torch.as_tensor(behaviour_actions(idx, cfg.seed), device=device))
-    train_step = dac.make_train_step([agent], data, [torch.zeros(len(dac.METRICS), device=device)], cfg.fast)
+    sums = {name: torch.zeros((), device=device) for name in dac.Metrics._fields}
+    train_step = (dac.make_fast_step([agent], [data], [sums], device) if cfg.fast
+                  else functools.partial(dac.gradient_step, agent, data, sums))
     for step in range(1, cfg.steps + 1):
         train_step()
         if step % 100 == 0 or step == cfg.steps:

@@ -1,7 +1,7 @@
 """Throughput benchmark for dac.py: gradient steps/s (eager vs fast), acting latency, evaluation time, memory.
 
     python bench/throughput.py [--devices cpu cuda] [--seeds 2 4 8] [--batch-multiples 2 4 8]
-                               [--out bench/results.json]
+                               [--out runs/bench/throughput.json]
 
 Shapes are the paper's defaults (B=256, H=10, N=10, N_a=10, T=5, hidden 256) at hopper (S=11, A=3) and
 walker2d (S=17, A=6) sizes, on random data resident on the device. Prints a table and writes JSON.
@@ -46,8 +46,13 @@ def steps_per_sec(device, shape, fast, seeds=1, seconds=3.0, warmup=5, batch_siz
     for seed in range(seeds):
         torch.manual_seed(seed)
         agents.append(dac.DAC(dac.dataclasses.replace(cfg, seed=seed), *shape, device))
-    metric_sums = [torch.zeros(len(dac.METRICS), device=device) for _ in agents]
-    round_ = dac.make_train_step(agents, data, metric_sums, fast)
+    metric_sums = [{name: torch.zeros((), device=device) for name in dac.Metrics._fields} for _ in agents]
+    if fast:
+        round_ = dac.make_fast_step(agents, [data] * seeds, metric_sums, device)
+    else:
+        def round_():
+            for agent, sums in zip(agents, metric_sums):
+                dac.gradient_step(agent, data, sums)
 
     for _ in range(warmup):
         round_()
@@ -99,14 +104,19 @@ def eval_seconds(agent, device, episodes=10, steps=1000):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    p.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
+    p.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
+                   default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
+                   help="devices to measure (default: cpu, and cuda when a GPU is visible)")
+    p.add_argument("--seconds", type=float, default=3.0,
+                   help="timing window per measurement, in seconds (at least 10 on the CPU) (default: 3)")
     p.add_argument("--seeds", type=int, nargs="+", default=[4],
-                   help="numbers of seeds trained together in the multi-seed measurements")
+                   help="CUDA only: numbers of seeds trained together in the multi-seed measurements (default: 4)")
     p.add_argument("--batch-multiples", type=int, nargs="+", default=[4],
                    help="also time one seed whose batch is this many times 256: the samples of that many seeds in "
-                        "one step, an estimate of what training seeds as one more batch dimension could give")
-    p.add_argument("--out", default="bench/results.json")
+                        "one step, an estimate of what training seeds as one more batch dimension could give "
+                        "(CUDA only; default: 4)")
+    p.add_argument("--out", default="runs/bench/throughput.json",
+                   help="where the JSON results go (default: runs/bench/throughput.json; runs/ is git-ignored)")
     args = p.parse_args()
 
     rows = []
