@@ -1,8 +1,8 @@
 """Tests for dac.py that fail if the method is wrong (CPU, about two minutes: `python -m pytest -q`).
 
-1. The paper's arithmetic, in-process and fast: the VP schedule against PAPER.md section 5's table, the DDPM
+1. The paper's arithmetic, in-process and fast: the VP schedule against the official schedule's values, the DDPM
    reverse step against its formula, the LCB target, the soft loss against the paper's squared form, one whole
-   update step against a slow re-derivation from PAPER.md sections 2-3, eta's dual ascent, the argmax of policy
+   update step against a slow re-derivation of the paper's losses, eta's dual ascent, the argmax of policy
    extraction, EMA/Polyak timing, the ensemble's independence, defaults and presets, data loading.
 2. The command line, as subprocesses (exit codes, stderr, no traceback): end-to-end runs on a tiny D4RL-layout
    hdf5 file and a tiny local Minari dataset made here, exact resume after an interruption, every user error.
@@ -46,7 +46,7 @@ TINY = ["--no-fast", "--eval-episodes", "2", "--hidden-dim", "32", "--batch-size
 BASE_RUN = ["--env", "hopper-medium-v2", "--steps", "40", "--eval-every", "20", *TINY]
 PROGRESS_COLUMNS = ["step", "return_mean", "return_std", "normalized_score", "critic_loss", "bc_loss",
                     "guidance_loss", "eta", "q_mean", "q_ensemble_std", "steps_per_sec"]
-HOPPER_RANDOM, HOPPER_EXPERT = -20.272305, 3234.3  # D4RL reference returns (PAPER.md section 8)
+HOPPER_RANDOM, HOPPER_EXPERT = -20.272305, 3234.3  # D4RL's reference returns
 
 # Runs dac.main with a real SIGINT delivered right after gradient step `argv[1]`: Ctrl-C at an exact step.
 INTERRUPT_AFTER_STEP = """
@@ -216,7 +216,7 @@ def base_run(ws):
 
 
 # ======================================================================================================
-# Diffusion schedule and sampler (PAPER.md section 5)
+# Diffusion schedule and sampler
 # ======================================================================================================
 def test_vp_schedule_matches_paper_table():
     s = dac.vp_schedule(5)
@@ -268,7 +268,7 @@ class PointMassDenoiser(nn.Module):
 
 def test_ddpm_reverse_step_follows_paper_formula():
     """With the exact predictor, x0_hat = a* at every step, so x_{t-1} - mean_t(x_t) must be sqrt(beta_t) z with
-    z ~ N(0, I) independent of x_t (mean_t: section 5's DDPM posterior mean), x_T ~ N(0, I), and the sample at
+    z ~ N(0, I) independent of x_t (mean_t: the DDPM posterior mean), x_T ~ N(0, I), and the sample at
     t = 1 (no noise) must be a* itself. Checked statistically, so it does not depend on the order of draws."""
     T, M = 5, 20_000
     sched = dac.vp_schedule(T)
@@ -312,7 +312,7 @@ def test_sampler_output_in_action_range():
 
 
 # ======================================================================================================
-# Critic: LCB target (PAPER.md section 3)
+# Critic: LCB target
 # ======================================================================================================
 def test_lcb_arithmetic():
     v = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]])  # (H=3, B=2)
@@ -353,7 +353,7 @@ def test_critic_target_uses_target_actor_and_lcb_over_n_next_actions():
 
 
 # ======================================================================================================
-# Actor: soft Q-guidance (PAPER.md sections 1-2)
+# Actor: soft Q-guidance (Theorem 1)
 # ======================================================================================================
 def test_soft_loss_has_the_gradient_of_the_papers_squared_form():
     """eta * bc + soft guidance == eta * mean||eps_theta - eps + (1/eta) sqrt(1-abar_t) (g/2)||^2 + const
@@ -409,7 +409,7 @@ def record_inputs(module: nn.Module) -> list:
 
 
 def test_update_step_matches_a_slow_rederivation_of_the_paper():
-    """One DAC.update against PAPER.md sections 2-3 recomputed independently, on the random draws the step made
+    """One DAC.update against the paper's losses recomputed independently, on the random draws the step made
     (read off the networks' inputs): the critic TD loss with the LCB target, Polyak, x_t, Q_norm, g at x_t,
     bc, soft guidance, the actor and critic after one clipped Adam step on exactly those losses, eta's ascent."""
     agent = tiny_agent(rho=1.5, eta=0.8, eta_lr=0.05, bc_threshold=0.5)
@@ -476,7 +476,7 @@ def test_update_step_matches_a_slow_rederivation_of_the_paper():
 
 @pytest.mark.parametrize("guidance", ["hard", "denoised", "none"])
 def test_other_guidance_types_run(guidance):
-    """The ablations' actor losses (section 2) take a finite step; 'none' is plain diffusion behaviour cloning."""
+    """The ablations' actor losses take a finite step; 'none' is plain diffusion behaviour cloning."""
     agent = tiny_agent(guidance=guidance, q_target="min")
     before = [p.clone() for p in agent.actor.parameters()]
     metrics = agent.update(random_batch())
@@ -524,7 +524,7 @@ def test_target_actor_ema_and_cosine_lr_timing():
 
 
 # ======================================================================================================
-# Policy extraction (PAPER.md section 4)
+# Policy extraction
 # ======================================================================================================
 def test_pick_best_is_the_argmax_and_clips():
     actions = torch.tensor([[[0.1, 0.1], [0.5, -2.0], [0.3, 0.3]],
@@ -599,7 +599,7 @@ def test_normalized_score_uses_d4rl_constants():
 
 
 # ======================================================================================================
-# Data (PAPER.md sections 6 and 9), in-process
+# Data, in-process
 # ======================================================================================================
 def test_hdf5_without_next_observations_drops_timeouts_like_d4rl(tmp_path):
     obs = np.arange(6 * S, dtype=np.float32).reshape(6, S)
@@ -1003,9 +1003,9 @@ def test_eval_only_refuses_other_settings(ws, base_run):
                       "--hidden-dim")
 
 # ======================================================================================================
-# Toy bandit (PAPER.md section 10, Figure 2)
+# Toy bandit (the paper's Figure 2)
 # ======================================================================================================
-# The paper's bandit claims (Figure 2, PAPER.md section 10) on dataset 0, two Gaussians.
+# The paper's bandit claims (Figure 2) on dataset 0, two Gaussians.
 #
 # Each test would fail if the guidance were wrong: a flipped or missing Q-gradient leaves soft samples no better
 # than BC; soft guidance without its sqrt(1 - abar_t) factor is hard guidance and leaves the support as often.

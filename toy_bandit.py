@@ -1,7 +1,7 @@
 """Diffusion Actor-Critic on a 2-D bandit: soft, hard and denoised Q-guidance against diffusion BC.
 
 Reproduces Figure 2 of Fang et al., "Diffusion Actor-Critic: Formulating Constrained Policy Iteration as
-Diffusion Noise Regression for Offline Reinforcement Learning", arXiv:2405.20555 (PAPER.md section 10);
+Diffusion Noise Regression for Offline Reinforcement Learning", arXiv:2405.20555;
 the official script is bandits.py in https://github.com/Fang-Lin93/DAC. The method itself (schedule, networks,
 losses, update step) is imported from dac.py; this file only adds the bandit data, the terminal-only critic
 target, the training of the 16 (dataset, method) agents in parallel processes, the figure and a summary.
@@ -88,7 +88,7 @@ class BanditConfig:
                             "pays only for long runs: ~2x faster at --steps 20000 on 2 CPU cores")
 
 
-# The paper's bandit settings (PAPER.md section 10), as dac.Config fields.
+# The paper's bandit settings (its Figure 2 experiment), as dac.Config fields.
 PAPER_SETTINGS = dict(T=50, hidden_dim=64, actor_lr=1e-3, critic_lr=1e-3, batch_size=128, num_qs=5, rho=1.0,
                       eta=1.0, eta_lr=0.01, bc_threshold=1.3, num_action_samples=1, clip_sample=False)
 GUIDANCE = {"bc": "none", "soft": "soft", "hard": "hard", "denoised": "denoised"}  # method -> dac guidance
@@ -99,7 +99,7 @@ STEP_COST = {"bc": 1.0, "soft": 1.4, "hard": 1.4, "denoised": 9.0}
 
 
 # ======================================================================================================
-# Data: four 2-D behaviour datasets and a noisy distance reward (PAPER.md section 10)
+# Data: four 2-D behaviour datasets and a noisy distance reward
 # ======================================================================================================
 REWARD_CENTRE = (0.4, -0.4)
 REWARD_NOISE = 0.5
