@@ -64,10 +64,13 @@ def arg(default, help, **kwargs):
 @dataclass
 class Config:
     # --- task and data
-    env: str = arg("hopper-medium-v2", "D4RL-style dataset name; picks the task, the presets and the data")
+    env: str = arg("hopper-medium-v2", "D4RL-style dataset name(s); each picks its task, presets and data. Several "
+                                       "names: one run per name and seed, in one launch", nargs="+")
     dataset: list = arg([], "D4RL-layout hdf5 files and/or Minari ids, concatenated in order (default: from --env)")
     # --- run length, evaluation, output
     steps: int = arg(2_000_000, "gradient steps (the cosine learning-rate decay spans them)")
+    stop_at: int = arg(0, "stop after this many gradient steps, keeping the schedule of --steps (0: run all --steps); "
+                          "a stopped run continues with --resume --stop-at N")
     eval_every: int = arg(10_000, "gradient steps between evaluations (and checkpoints)")
     eval_episodes: int = arg(10, "episodes per evaluation, run together in a vector env")
     seed: int = arg(0, "random seed (networks, batches, noise)")
@@ -77,6 +80,7 @@ class Config:
     out: str = arg("", "output folder (default runs/<env>/seed<seed>)")
     resume: bool = arg(False, "continue from <out>/checkpoint.pt with exactly its state")
     eval_only: str = arg("", "evaluate the agent in this checkpoint and exit")
+    report: list = arg([], "write report.md and report.png over the runs found in these folders and exit")
     fast: bool = arg(True, "torch.compile the gradient step and acting; on CUDA also replay each as a CUDA graph "
                            "(--no-fast: plain eager PyTorch)")
     # --- actor: diffusion policy and Q-guidance
@@ -104,6 +108,10 @@ class Config:
     batch_size: int = arg(256, "transitions per gradient step")
     hidden_dim: int = arg(256, "width of the 3 hidden layers of every network")
     grad_clip: float = arg(1.0, "global gradient-norm clip per network")
+    init: str = arg("flax", "weight initialisation: flax = the official code's (Xavier-uniform weights, zero biases), "
+                            "torch = PyTorch's nn.Linear default", choices=["flax", "torch"])
+    batch_order: str = arg("epochs", "epochs = shuffled passes over the data without replacement (the official code's "
+                                     "order), random = independent uniform draws", choices=["epochs", "random"])
 
 
 # The official per-dataset settings (the official repository's runs.sh); any command-line flag overrides them.
@@ -128,7 +136,7 @@ ENV_NAMES = [f"{family}-{level}-v2" for family in TASKS for level in LEVELS]
 
 
 # Fields that may change between a run and its resumption (they do not change what is learned).
-RUN_ONLY_FIELDS = {"out", "resume", "eval_only", "device", "fast", "eval_episodes", "seeds"}
+RUN_ONLY_FIELDS = {"out", "resume", "eval_only", "report", "device", "fast", "eval_episodes", "seeds", "stop_at"}
 
 
 def family_of(env: str) -> str:
@@ -232,6 +240,16 @@ class VectorizedLinear(nn.Module):
         if x.dim() == 2:
             x = x.expand(self.weight.shape[0], -1, -1)  # the same input for every member
         return torch.bmm(x, self.weight) + self.bias  # (H, M, out)
+
+
+def flax_init_(net: nn.Module) -> None:
+    """The official code's initialisation (Flax Dense with xavier_uniform): Xavier-uniform weights, U(-a, a) with
+    a = sqrt(6 / (fan_in + fan_out)), drawn per ensemble member, and zero biases."""
+    for m in net.modules():
+        if isinstance(m, (nn.Linear, VectorizedLinear)):
+            for w in m.weight.view(-1, *m.weight.shape[-2:]):  # (out, in) or each member's (in, out)
+                nn.init.xavier_uniform_(w)
+            nn.init.zeros_(m.bias)
 
 
 class EnsembleCritic(nn.Module):
@@ -356,6 +374,9 @@ class DAC(nn.Module):
         self.target_actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim)
         self.critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs)
         self.target_critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs)
+        if cfg.init == "flax":
+            flax_init_(self.actor)
+            flax_init_(self.critic)
         self.target_actor.load_state_dict(self.actor.state_dict())
         self.target_critic.load_state_dict(self.critic.state_dict())
         self.target_actor.requires_grad_(False)
@@ -445,14 +466,14 @@ class DAC(nn.Module):
                            q_ensemble_std=q.std(0, correction=0).mean().detach())
 
     @torch.no_grad()
-    def act(self, states: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def act(self, states: torch.Tensor, gen: torch.Generator) -> tuple:
         """Policy extraction: N_a actions per state from the online actor, the argmax of the ensemble-mean target
-        Q. states (B, S) -> (B, A). One call for any number of states."""
+        Q. states (B, S) -> actions (B, A) and their Q (B,). One call for any number of states."""
         B, N = states.shape[0], self.cfg.num_action_samples
         s = states.repeat_interleave(N, dim=0)  # (B*N, S)
         a = ddpm_sample(self.actor, s, self.sched, gen, self.cfg.clip_sample)  # (B*N, A)
         q = self.target_critic(s, a).mean(0).view(B, N)  # (B, N)
-        return pick_best(a.view(B, N, -1), q)
+        return pick_best(a.view(B, N, -1), q), q.max(dim=1).values
 
     def full_state(self) -> dict:
         """Everything a resumed run needs: networks, eta, step count (state_dict), both optimisers' moments and
@@ -483,17 +504,19 @@ class Diverged(Exception):
     pass
 
 
-PROGRESS_COLUMNS = ("step", "return_mean", "return_std", "normalized_score", *Metrics._fields, "steps_per_sec")
+PROGRESS_COLUMNS = ("step", "return_mean", "return_std", "normalized_score", "eval_q_mean", "eval_discounted_return",
+                    "eval_action_at_bound", *Metrics._fields, "steps_per_sec")
 
 
 class Run:
-    """One seed's training: its agent and data, the metric sums since the last evaluation, the history of
-    evaluations, and the files in its output folder."""
+    """One (dataset, seed) training run: its agent and batches, the metric sums since the last evaluation, the
+    history of evaluations, and the files in its output folder."""
 
     def __init__(self, cfg: Config, data: DeviceData, dims: tuple, device: torch.device):
         self.cfg, self.data, self.out = cfg, data, Path(cfg.out)
         torch.manual_seed(cfg.seed)  # network initialisation
         self.agent = DAC(cfg, *dims, device)
+        self.batches = EpochBatches(data, cfg.batch_size, cfg.seed) if cfg.batch_order == "epochs" else data
         self.metric_sums = {name: torch.zeros((), device=device) for name in Metrics._fields}
         self.metric_count, self.history, self.wall_seconds = 0, [], 0.0
         ckpt_path = self.out / "checkpoint.pt"
@@ -513,14 +536,18 @@ class Run:
 
     def load(self, ckpt: dict) -> None:
         self.agent.load_full_state(ckpt["agent"])
+        if self.cfg.batch_order == "epochs":
+            self.batches.load_state(ckpt["batches"])
         for name, value in ckpt["metric_sums"].items():
             self.metric_sums[name].copy_(value)
         self.metric_count, self.history, self.wall_seconds = ckpt["metric_count"], ckpt["history"], ckpt["wall"]
 
     def after_step(self) -> None:
-        """Book-keeping after each gradient step."""
+        """Book-keeping on the host after each gradient step."""
         self.step += 1
         self.metric_count += 1
+        if self.cfg.batch_order == "epochs":
+            self.batches.next_step()
         if self.step % 1000 == 0:
             self.check_finite()
 
@@ -530,8 +557,9 @@ class Run:
             kept = (f"The last good checkpoint (step {self.history[-1]['step']}) is kept in "
                     f"{self.out / 'checkpoint.pt'}." if self.history else "No checkpoint had been written yet.")
             raise Diverged(
-                f"seed {self.cfg.seed}: training diverged before step {self.step}: {', '.join(bad)} became NaN or "
-                f"infinite. {kept} Try a smaller --actor-lr/--critic-lr, a larger --rho, or another --seed.")
+                f"{self.cfg.env} seed {self.cfg.seed}: training diverged before step {self.step}: {', '.join(bad)} "
+                f"became NaN or infinite. {kept} Try a smaller --actor-lr/--critic-lr, a larger --rho, or another "
+                f"--seed.")
 
     def elapsed(self) -> float:
         return self.wall_seconds + time.perf_counter() - self.started
@@ -539,9 +567,13 @@ class Run:
     def evaluate_and_save(self, envs, train_seconds: float) -> dict:
         """Evaluate, append a progress row, rewrite every output file, checkpoint. Returns the row."""
         self.check_finite()
-        returns = evaluate(self.act, envs, self.cfg.seed * 1_000_003 + self.step, self.agent.step.device)
-        row = {"step": self.step, "return_mean": float(returns.mean()), "return_std": float(returns.std()),
-               "normalized_score": float(normalized_score(self.cfg.env, returns).mean()),
+        result = evaluate(self.act, envs, self.cfg.seed * 1_000_003 + self.step, self.agent.step.device,
+                          self.cfg.gamma, self.data.reward_scale)
+        row = {"step": self.step, "return_mean": float(result.returns.mean()),
+               "return_std": float(result.returns.std()),
+               "normalized_score": float(normalized_score(self.cfg.env, result.returns).mean()),
+               "eval_q_mean": result.q_mean, "eval_discounted_return": result.discounted_return,
+               "eval_action_at_bound": result.action_at_bound,
                **{name: value.item() / max(self.metric_count, 1) for name, value in self.metric_sums.items()},
                "steps_per_sec": self.metric_count / max(train_seconds, 1e-9)}
         self.history.append(row)
@@ -559,59 +591,67 @@ class Run:
             writer.writerows(self.history)
         scores = [r["normalized_score"] for r in self.history]
         summary = {"final_score": float(np.mean(scores[-5:])), "best_score": float(np.max(scores)),
-                   "steps": self.step, "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env,
-                   "seed": self.cfg.seed, "note": score_note(self.cfg)}
+                   "steps": self.step, "schedule_steps": self.cfg.steps, "stop_at": self.cfg.stop_at,
+                   "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env, "seed": self.cfg.seed,
+                   "data": self.cfg.dataset or default_sources(self.cfg.env)[0], "note": score_note(self.cfg)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curve(self.history, self.out / "curve.png", f"DAC {self.cfg.env} seed {self.cfg.seed}")
 
     def save_checkpoint(self) -> None:
         save_checkpoint(self.out / "checkpoint.pt",
                         {"config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
+                         "batches": self.batches.state() if self.cfg.batch_order == "epochs" else {},
                          "metric_sums": {name: value.cpu() for name, value in self.metric_sums.items()},
-                         "metric_count": self.metric_count, "history": self.history, "wall": self.elapsed()})
+                         "metric_count": self.metric_count, "history": self.history, "wall": self.elapsed(),
+                         "reward_scale": self.data.reward_scale})
 
 
 def train(cfgs: list, device: torch.device) -> None:
-    """Train one or several seeds on one device in lock-step, evaluating and checkpointing every eval_every
-    steps. Ctrl-C finishes the current step, saves a checkpoint and exits with code 130."""
-    dims = task_dims(cfgs[0].env)
-    data = DeviceData(load_dataset(cfgs[0], *dims), device)
-    runs = [Run(cfg, data, dims, device) for cfg in cfgs]
+    """Train several runs (seeds, datasets) on one device in lock-step, evaluating and checkpointing every
+    eval_every steps, until --stop-at or --steps. Ctrl-C finishes the current step, saves a checkpoint and exits
+    with code 130."""
+    datas, envs = {}, {}
+    for cfg in cfgs:  # one copy of each dataset on the device, shared by that dataset's seeds
+        if cfg.env not in datas:
+            datas[cfg.env] = (DeviceData(load_dataset(cfg, *task_dims(cfg.env)), device), task_dims(cfg.env))
+    runs = [Run(cfg, *datas[cfg.env], device) for cfg in cfgs]
     if len({run.step for run in runs}) > 1:
-        raise UserError(f"--resume: the seeds' checkpoints are at different steps "
-                        f"({', '.join(f'seed {r.cfg.seed}: {r.step}' for r in runs)}), but --seeds trains its seeds "
-                        f"in lock-step. Resume each seed on its own (--seed N --resume).")
+        raise UserError(f"--resume: the runs' checkpoints are at different steps "
+                        f"({', '.join(f'{r.cfg.env} seed {r.cfg.seed}: {r.step}' for r in runs)}), but runs "
+                        f"launched together train in lock-step. Resume each on its own (--env E --seed N --resume).")
     # The fast path (appendix): every run's gradient_step compiled, and on CUDA all replayed as one CUDA graph.
-    fast_step = make_fast_step([r.agent for r in runs], [r.data for r in runs], [r.metric_sums for r in runs],
+    fast_step = make_fast_step([r.agent for r in runs], [r.batches for r in runs], [r.metric_sums for r in runs],
                                device) if cfgs[0].fast else None
-    envs = make_eval_envs(cfgs[0].env, cfgs[0].eval_episodes)
+    for cfg in cfgs:
+        envs.setdefault(cfg.env, make_eval_envs(cfg.env, cfg.eval_episodes))
     total, eval_every = cfgs[0].steps, cfgs[0].eval_every
+    end = min(cfgs[0].stop_at or total, total)
     interrupted = []
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     from tqdm import tqdm
 
-    bar = tqdm(total=total * len(runs), initial=sum(r.step for r in runs), unit="step", disable=None)
+    bar = tqdm(total=end * len(runs), initial=sum(r.step for r in runs), unit="step", disable=None)
     try:
-        while not interrupted and runs[0].step < total:
+        while not interrupted and runs[0].step < end:
             tic = time.perf_counter()
-            stop = min(total, (runs[0].step // eval_every + 1) * eval_every)
+            stop = min(end, (runs[0].step // eval_every + 1) * eval_every)
             while not interrupted and runs[0].step < stop:
                 if fast_step is not None:
                     fast_step()
                 else:
                     for run in runs:
-                        gradient_step(run.agent, run.data, run.metric_sums)
+                        gradient_step(run.agent, run.batches, run.metric_sums)
                 for run in runs:
                     run.after_step()
                 bar.update(len(runs))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - tic
-            if runs[0].step % eval_every == 0 or runs[0].step == total:
+            if runs[0].step % eval_every == 0 or runs[0].step == end:
                 for run in runs:
-                    row = run.evaluate_and_save(envs, seconds)
-                    bar.write(f"seed {run.cfg.seed} step {row['step']}: score {row['normalized_score']:.1f} "
-                              f"(return {row['return_mean']:.0f}), eta {row['eta']:.3f}, "
+                    row = run.evaluate_and_save(envs[run.cfg.env], seconds)
+                    bar.write(f"{run.cfg.env} seed {run.cfg.seed} step {row['step']}: score "
+                              f"{row['normalized_score']:.1f} (return {row['return_mean']:.0f}), eta {row['eta']:.3f}, "
                               f"{row['steps_per_sec']:.0f} steps/s")
                     bar.set_postfix(score=f"{row['normalized_score']:.1f}", sps=f"{row['steps_per_sec']:.0f}")
     except Exception:
@@ -629,14 +669,17 @@ def train(cfgs: list, device: torch.device) -> None:
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
-        envs.close()
+        for e in envs.values():
+            e.close()
     if interrupted:
         for run in runs:
             run.save_checkpoint()
         print(f"interrupted: checkpoints saved at step {runs[0].step}; continue with the same command + --resume")
         sys.exit(130)
     for run in runs:
-        print(f"seed {run.cfg.seed}: done, outputs in {run.out} "
+        stopped = (f", stopped at step {run.step} of the {run.cfg.steps}-step schedule (continue with --resume "
+                   f"--stop-at 0)" if run.step < run.cfg.steps else "")
+        print(f"{run.cfg.env} seed {run.cfg.seed}: done{stopped}, outputs in {run.out} "
               f"(final score {json.loads((run.out / 'summary.json').read_text())['final_score']:.1f})")
 
 
@@ -658,20 +701,46 @@ def make_eval_envs(env: str, n: int):
     return gym.make_vec(TASKS[family_of(env)][0], num_envs=n, vectorization_mode="sync")
 
 
-def evaluate(act, envs, seed: int, device: torch.device) -> np.ndarray:
+class Evaluation(NamedTuple):
+    returns: np.ndarray            # (n,) undiscounted episode returns, in the task's own reward scale
+    q_mean: float                  # mean over visited states of the ensemble-mean target Q of the action taken
+    discounted_return: float       # mean over the same states of the discounted return actually obtained from them,
+                                   # in the training reward scale (so it is what that Q should estimate)
+    action_at_bound: float         # fraction of action components at the +-1 bounds
+
+
+def evaluate(act, envs, seed: int, device: torch.device, gamma: float, reward_scale: float) -> Evaluation:
     """One episode per sub-environment, one batched policy call `act(states, gen)` (DAC.act, or its compiled
-    version) per time step. Returns the (n,) returns. Uses its own generator, so evaluating never changes the
-    training run's random stream."""
+    version) per time step. Uses its own generator, so evaluating never changes the training run's random stream.
+    Q is compared with the return only at states whose discounted return is known to within 1%: every state of an
+    episode that terminated, and states at least log(0.01)/log(gamma) steps before a time-limit cut."""
     gen = torch.Generator(device).manual_seed(seed)
     obs, _ = envs.reset(seed=seed)
-    returns = np.zeros(envs.num_envs)
-    running = np.ones(envs.num_envs, dtype=bool)
+    n = envs.num_envs
+    running, cut = np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
+    rewards, qs, alive, at_bound = [], [], [], []
     while running.any():
-        action = act(torch.as_tensor(obs, dtype=torch.float32, device=device), gen)  # (n, A)
-        obs, reward, terminated, truncated, _ = envs.step(action.cpu().numpy())
-        returns += reward * running
+        action, q = act(torch.as_tensor(obs, dtype=torch.float32, device=device), gen)  # (n, A), (n,)
+        action = action.cpu().numpy()
+        obs, reward, terminated, truncated, _ = envs.step(action)
+        rewards.append(reward * running)
+        qs.append(q.cpu().numpy())
+        alive.append(running.copy())
+        at_bound.append((np.abs(action) >= 1 - 1e-6).mean(1))
+        cut |= running & truncated & ~terminated
         running &= ~(terminated | truncated)
-    return returns
+    rewards, qs, alive = np.array(rewards), np.array(qs), np.array(alive)  # (L, n)
+    discounted = np.zeros_like(rewards)  # (L, n): sum_k gamma^k r_{t+k}, in the training reward scale
+    running_sum = np.zeros(n)
+    for t in range(len(rewards) - 1, -1, -1):
+        running_sum = reward_scale * rewards[t] + gamma * running_sum
+        discounted[t] = running_sum
+    horizon = math.ceil(math.log(0.01) / math.log(gamma))
+    steps_left = alive[::-1].cumsum(0)[::-1]  # (L, n): steps from t to the episode's end
+    known = alive & (~cut | (steps_left > horizon))
+    return Evaluation(returns=rewards.sum(0), q_mean=float(qs[known].mean()) if known.any() else math.nan,
+                      discounted_return=float(discounted[known].mean()) if known.any() else math.nan,
+                      action_at_bound=float(np.array(at_bound)[alive].mean()))
 
 
 def normalized_score(env: str, returns) -> np.ndarray:
@@ -824,23 +893,70 @@ def load_dataset(cfg: Config, obs_dim: int, act_dim: int) -> dict:
             raise UserError(f"the dataset ({', '.join(sources)}) has NaN or infinite values in '{k}'; "
                             f"clean or regenerate it.")
     d["actions"] = np.clip(d["actions"], -1 + 1e-5, 1 - 1e-5)
-    d["rewards"] = d["rewards"] * reward_scale(d["rewards"], episode_ends(d))
-    print(f"data: {len(d['rewards'])} transitions from {', '.join(sources)}")
-    return {k: d[k].astype(np.float32) for k in ("observations", "actions", "rewards", "next_observations",
-                                                  "terminals")}
+    scale = reward_scale(d["rewards"], episode_ends(d))
+    d["rewards"] = d["rewards"] * scale
+    print(f"data: {len(d['rewards'])} transitions from {', '.join(sources)}; rewards scaled by {scale:.4g}")
+    return {**{k: d[k].astype(np.float32) for k in ("observations", "actions", "rewards", "next_observations",
+                                                     "terminals")}, "reward_scale": np.float32(scale)}
 
 
 class DeviceData:
-    """The whole dataset as tensors on the training device; batches are drawn there (no host round trip)."""
+    """The whole dataset as tensors on the training device; batches are drawn there (no host round trip).
+    `sample` draws independent uniform rows (--batch-order random)."""
 
     def __init__(self, d: dict, device: torch.device):
         self.tensors = [torch.as_tensor(d[k], device=device) for k in
                         ("observations", "actions", "rewards", "next_observations", "terminals")]
         self.size = len(d["rewards"])
+        self.reward_scale = float(d.get("reward_scale", 1.0))  # what the rewards were multiplied by
 
     def sample(self, batch_size: int, gen: torch.Generator) -> Batch:
         idx = torch.randint(self.size, (batch_size,), device=gen.device, generator=gen)
         return Batch(*(t[idx] for t in self.tensors))
+
+
+class EpochBatches:
+    """One run's batches in the official code's order (--batch-order epochs): shuffled passes over the data without
+    replacement; a pass's last incomplete batch is dropped. `sample` has DeviceData's interface and runs on the device,
+    inside the compiled and captured step; `next_step` runs on the host after every step and reshuffles when a pass
+    is used up. Each pass's permutation comes from this object's own CPU generator."""
+
+    def __init__(self, data: DeviceData, batch_size: int, seed: int):
+        if data.size < batch_size:
+            raise UserError(f"the dataset has {data.size} transitions, fewer than one batch (--batch-size "
+                            f"{batch_size}). Use a smaller --batch-size or more data.")
+        self.data, self.batch_size, self.batches_per_pass = data, batch_size, data.size // batch_size
+        self.passes = torch.Generator().manual_seed(seed)
+        device = data.tensors[0].device
+        self.order = torch.empty(data.size, dtype=torch.long, device=device)  # (N,): this pass's permutation
+        self.position = torch.zeros((), dtype=torch.long, device=device)  # where the next batch starts in it
+        self.offsets = torch.arange(batch_size, device=device)  # (B,)
+        self.count = 0  # batches drawn so far
+        self.new_pass()
+
+    def new_pass(self) -> None:
+        self.pass_rng = self.passes.get_state()
+        self.order.copy_(torch.randperm(self.data.size, generator=self.passes))
+        self.position.zero_()
+
+    def sample(self, batch_size: int, gen: torch.Generator) -> Batch:
+        idx = self.order[self.position + self.offsets]  # (B,)
+        self.position += batch_size
+        return Batch(*(t[idx] for t in self.data.tensors))
+
+    def next_step(self) -> None:
+        self.count += 1
+        if self.count % self.batches_per_pass == 0:
+            self.new_pass()
+
+    def state(self) -> dict:
+        return {"count": self.count, "pass_rng": self.pass_rng}
+
+    def load_state(self, state: dict) -> None:
+        self.count = state["count"]
+        self.passes.set_state(state["pass_rng"].cpu())
+        self.new_pass()
+        self.position.fill_(self.count % self.batches_per_pass * self.batch_size)
 
 
 # ======================================================================================================
@@ -863,6 +979,74 @@ def plot_curve(history: list, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def run_record(out: Path) -> dict:
+    """A finished run's results, from its output folder: configuration, evaluations, summary."""
+    with open(out / "progress.csv", newline="") as f:
+        history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    return {"out": str(out), "config": json.loads((out / "config.json").read_text()), "history": history,
+            "summary": json.loads((out / "summary.json").read_text())}
+
+
+def read_runs(folders: list) -> list:
+    """The records of every run (a folder with config.json, progress.csv and summary.json) in or under `folders`."""
+    outs = sorted({f.parent for folder in folders for f in Path(folder).rglob("summary.json")
+                   if (f.parent / "progress.csv").exists() and (f.parent / "config.json").exists()})
+    if not outs:
+        raise UserError(f"--report: no runs found in {', '.join(folders)} (a run folder holds config.json, "
+                        f"progress.csv and summary.json). Point --report at run folders or at folders above them.")
+    return [run_record(out) for out in outs]
+
+
+def write_report(records: list, folder: Path) -> Path:
+    """report.md (per dataset: seeds, steps, final score mean and std over seeds, each seed's final and best score,
+    the data, and the critics' Q against the obtained return at the last evaluation) and report.png (normalised
+    score against step: the mean over seeds, and a band from the lowest to the highest seed). Returns report.md."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {}  # (env, data) -> that dataset's runs, by seed
+    for r in sorted(records, key=lambda r: (r["config"]["env"], r["config"]["seed"])):
+        data = ", ".join(r["config"]["dataset"]) or f"default sources for {r['config']['env']}"
+        groups.setdefault((r["config"]["env"], data), []).append(r)
+    lines = ["# DAC report", "",
+             "Normalised score: 100 (return - random) / (expert - random) with D4RL's reference returns, on the "
+             "Gymnasium v5 task of each dataset; on locally generated or Minari data it is not D4RL's benchmark. "
+             "Final score: the mean of a run's last 5 evaluations; mean ± std (ddof 0) over seeds. Q / return: at the "
+             "last evaluation, the critics' mean Q of the actions the policy took against the discounted return it "
+             "obtained from those states (training reward scale); at ±1: the fraction of action components at the "
+             "bounds.", "",
+             "| dataset | data | seeds | steps | final score | per seed: final (best) | Q / return, last evaluation "
+             "| at ±1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
+    for ax, ((env, data), runs) in zip(axes[0], groups.items()):
+        finals = np.array([r["summary"]["final_score"] for r in runs])
+        seeds = ", ".join(str(r["config"]["seed"]) for r in runs)
+        steps = ", ".join(sorted({str(r["summary"]["steps"]) for r in runs}))
+        per_seed = "; ".join(f"{r['summary']['final_score']:.1f} ({r['summary']['best_score']:.1f})" for r in runs)
+        q_vs_g = "; ".join(f"{r['history'][-1]['eval_q_mean']:.1f} / {r['history'][-1]['eval_discounted_return']:.1f}"
+                           for r in runs)
+        at_bound = "; ".join(f"{r['history'][-1]['eval_action_at_bound']:.2f}" for r in runs)
+        lines.append(f"| {env} | {data} | {seeds} | {steps} of {runs[0]['config']['steps']} | "
+                     f"{finals.mean():.1f} ± {finals.std():.1f} | {per_seed} | {q_vs_g} | {at_bound} |")
+        common = sorted(set.intersection(*({h["step"] for h in r["history"]} for r in runs)))
+        scores = np.array([[next(h["normalized_score"] for h in r["history"] if h["step"] == s) for s in common]
+                           for r in runs])  # (seeds, steps)
+        ax.fill_between(common, scores.min(0), scores.max(0), alpha=0.25, label="lowest to highest seed")
+        ax.plot(common, scores.mean(0), label=f"mean of {len(runs)} seed(s)")
+        ax.set(title=env, xlabel="gradient step", ylabel="normalised score")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.savefig(folder / "report.png", dpi=100)
+    plt.close(fig)
+    lines += ["", f"Runs: {', '.join(r['out'] for r in records)}", "", "![report](report.png)", ""]
+    (folder / "report.md").write_text("\n".join(lines))
+    return folder / "report.md"
 
 
 CHECKPOINT_FORMAT = 3  # 2: hand-written Adam's moments as buffers; 3: torch.optim.Adam's state_dicts
@@ -909,7 +1093,7 @@ def check_config(cfg: Config) -> None:
     for name in ["eta", "actor_lr", "critic_lr", "grad_clip"]:
         if not 0 < getattr(cfg, name) < math.inf:
             raise UserError(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(cfg, name)}.")
-    for name in ["eta_lr", "rho", "bc_threshold", "actor_ema_start"]:
+    for name in ["eta_lr", "rho", "bc_threshold", "actor_ema_start", "stop_at"]:
         if not 0 <= getattr(cfg, name) < math.inf:
             raise UserError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(cfg, name)}.")
     if not 1e-3 <= cfg.eta <= 100:
@@ -939,11 +1123,13 @@ def eval_only(cfg: Config, given: set, device: torch.device) -> None:
     agent.load_full_state(ckpt["agent"])
     envs = make_eval_envs(saved.env, cfg.eval_episodes)
     act = make_policy(agent, cfg.fast)
-    returns = evaluate(act, envs, saved.seed * 1_000_003 + int(agent.step), device)
+    result = evaluate(act, envs, saved.seed * 1_000_003 + int(agent.step), device, saved.gamma, ckpt["reward_scale"])
     envs.close()
     result = {"checkpoint": cfg.eval_only, "step": int(agent.step), "episodes": cfg.eval_episodes,
-              "return_mean": float(returns.mean()), "return_std": float(returns.std()),
-              "normalized_score": float(normalized_score(saved.env, returns).mean()), "note": score_note(saved)}
+              "return_mean": float(result.returns.mean()), "return_std": float(result.returns.std()),
+              "normalized_score": float(normalized_score(saved.env, result.returns).mean()),
+              "eval_q_mean": result.q_mean, "eval_discounted_return": result.discounted_return,
+              "eval_action_at_bound": result.action_at_bound, "note": score_note(saved)}
     print(json.dumps(result, indent=2))
 
 
@@ -965,30 +1151,77 @@ def config_parser(cls, description: str) -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list | None = None) -> tuple:
-    """Command line generated from Config: presets for --env first, then every flag given overrides them.
-    Returns (config, names of the flags given)."""
+    """Command line generated from Config: presets for each --env name first, then every flag given overrides them.
+    Returns (one config per --env name, names of the flags given)."""
     given = vars(config_parser(Config, __doc__.split("\n\n")[0]).parse_args(argv))
-    cfg = Config(**{**PRESETS.get(given.get("env", Config.env), {}), **given})
-    check_config(cfg)
-    return cfg, set(given)
+    envs = given.get("env", [Config.env])
+    if len(envs) > 1 and given.get("dataset"):
+        raise UserError(f"--dataset names the data of one --env, but {len(envs)} were given ({' '.join(envs)}). "
+                        f"Launch each dataset with its own --dataset, or drop --dataset to use each name's default "
+                        f"sources.")
+    cfgs = [Config(**{**PRESETS.get(env, {}), **given, "env": env}) for env in dict.fromkeys(envs)]
+    for cfg in cfgs:
+        check_config(cfg)
+    return cfgs, set(given)
+
+
+def plan_runs(cfgs: list) -> tuple:
+    """Every (dataset, seed) run of a launch, with its output folder, and the folder for the launch's report (None
+    for a single run): --out or runs/<env>/seed<seed> for one run; <base>/seed<seed> for several seeds of one
+    dataset (base: --out or runs/<env>); <base>/<env>/seed<seed> for several datasets (base: --out or runs)."""
+    first = cfgs[0]
+    seeds = first.seeds or [first.seed]
+    if len(cfgs) == 1 and not first.seeds:
+        return [dataclasses.replace(first, out=first.out or f"runs/{first.env}/seed{first.seed}")], None
+    base = first.out or (f"runs/{first.env}" if len(cfgs) == 1 else "runs")
+    runs = [dataclasses.replace(cfg, seed=s, seeds=[], out=f"{base}/seed{s}" if len(cfgs) == 1
+                                else f"{base}/{cfg.env}/seed{s}") for cfg in cfgs for s in seeds]
+    return runs, base
+
+
+def distributed_launch() -> tuple:
+    """(rank, world size, local rank) under torchrun, else (0, 1, 0). Ranks only meet again at the end of the
+    launch, to gather their runs' results (gloo: small Python objects, no GPU collectives)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, 0
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))  # ranks wait for the slowest to finish
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def main(argv: list | None = None) -> None:
     try:
-        cfg, given = parse_config(argv)
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
-                              else cfg.device)
-        if cfg.eval_only:
-            return eval_only(cfg, given, device)
-        seeds = cfg.seeds or [cfg.seed]
-        base = cfg.out or f"runs/{cfg.env}"
-        cfgs = [dataclasses.replace(cfg, seed=s, seeds=[],
-                                    out=cfg.out if cfg.out and not cfg.seeds else f"{base}/seed{s}")
-                for s in seeds]
-        print("config:", json.dumps({k: v for k, v in dataclasses.asdict(cfgs[0]).items()}, indent=None))
-        print(f"device: {device}{' (fast path: CUDA graph)' if cfg.fast and device.type == 'cuda' else ''}; "
-              f"seeds {seeds}; outputs in {', '.join(c.out for c in cfgs)}")
-        train(cfgs, device)
+        cfgs, given = parse_config(argv)
+        if cfgs[0].report:
+            return print(f"wrote {write_report(read_runs(cfgs[0].report), Path(cfgs[0].out or cfgs[0].report[0]))}")
+        rank, world, local_rank = distributed_launch()
+        cuda = torch.cuda.is_available() if cfgs[0].device == "auto" else cfgs[0].device == "cuda"
+        device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        if cfgs[0].eval_only:
+            return eval_only(cfgs[0], given, device)
+        runs, report_dir = plan_runs(cfgs)
+        mine = runs[rank::world]  # round-robin over the ranks
+        print("config:", json.dumps(dataclasses.asdict(mine[0] if mine else runs[0]), indent=None))
+        print(f"{f'rank {rank}/{world}, ' if world > 1 else ''}device: {device}"
+              f"{' (fast path: CUDA graph)' if cfgs[0].fast and device.type == 'cuda' else ''}; "
+              f"{len(mine)} run(s), outputs in {', '.join(c.out for c in mine) or '-'}")
+        if mine:
+            train(mine, device)
+        results = [run_record(Path(c.out)) for c in mine]
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered = [None] * world
+            dist.all_gather_object(gathered, results)
+            results = [record for part in gathered for record in part]
+            dist.destroy_process_group()
+        if rank == 0 and report_dir is not None:
+            print(f"wrote {write_report(results, Path(report_dir))}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -1061,12 +1294,12 @@ class CapturedPolicy:
     """`act(states, gen)` (compiled DAC.act) captured as a CUDA graph for one batch size and one generator, and
     replayed: an evaluation makes 1000 calls with the same ones. A new batch size or generator (each evaluation
     has its own) captures again, after two warm-up calls that draw from a scratch generator, so the actions are
-    those of the uncaptured policy. The returned actions are overwritten by the next call."""
+    those of the uncaptured policy. The returned tensors are overwritten by the next call."""
 
     def __init__(self, act):
         self.act, self.key, self.graph = act, None, None
 
-    def __call__(self, states: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, states: torch.Tensor, gen: torch.Generator) -> tuple:
         if self.key != (states.shape, gen):
             self.states, scratch = states.clone(), torch.Generator(states.device).manual_seed(0)
             with side_stream():
@@ -1075,11 +1308,11 @@ class CapturedPolicy:
             self.graph = torch.cuda.CUDAGraph()
             self.graph.register_generator_state(gen)
             with torch.cuda.graph(self.graph):
-                self.actions = self.act(self.states, gen)
+                self.outputs = self.act(self.states, gen)
             self.key = (states.shape, gen)
         self.states.copy_(states)
         self.graph.replay()
-        return self.actions
+        return self.outputs
 
 
 def make_policy(agent: DAC, fast: bool):

@@ -307,7 +307,7 @@ def test_sampler_output_in_action_range():
     agent = tiny_agent()
     with torch.no_grad():
         agent.actor.net[-1].weight.mul_(300)
-    acts = agent.act(torch.randn(32, S), torch.Generator().manual_seed(1))
+    acts, _ = agent.act(torch.randn(32, S), torch.Generator().manual_seed(1))
     assert acts.shape == (32, A) and acts.abs().max() <= 1.0
 
 
@@ -538,13 +538,15 @@ def test_act_samples_online_actor_and_takes_argmax_of_target_q():
     agent.target_critic = RecordingCritic(agent.cfg.num_qs, w=(1.0, 0.0, 0.0))  # best = largest a[0]
     calls = count_calls(agent.actor.net, agent.target_actor.net)
     states = torch.randn(4, S)
-    acts = agent.act(states, torch.Generator().manual_seed(5))
+    acts, q = agent.act(states, torch.Generator().manual_seed(5))
     assert calls == [agent.cfg.T, 0]  # sampled from the online actor, not the EMA one
     s_rep, candidates = agent.target_critic.calls[-1]
     torch.testing.assert_close(s_rep, states.repeat_interleave(7, 0))
     candidates = candidates.view(4, 7, A)
     expected = candidates[torch.arange(4), candidates[..., 0].argmax(1)]
     torch.testing.assert_close(acts, expected)
+    h = torch.arange(1, agent.cfg.num_qs + 1, dtype=torch.float32).mean()  # RecordingCritic's ensemble mean
+    torch.testing.assert_close(q, h * states[:, 0] + expected[:, 0])  # the Q of the chosen action
 
 
 # ======================================================================================================
@@ -586,9 +588,9 @@ def test_defaults_are_the_papers_and_presets_apply_before_flags():
               "halfcheetah-medium-expert-v2": (0.0, 0.1), "halfcheetah-medium-replay-v2": (0.0, 1.0),
               "walker2d-medium-replay-v2": (1.0, 1.0)}
     for env, (rho, b) in expect.items():
-        cfg, _ = dac.parse_config(["--env", env])
+        [cfg], _ = dac.parse_config(["--env", env])
         assert (cfg.rho, cfg.bc_threshold) == (rho, b), env
-    cfg, given = dac.parse_config(["--env", "hopper-medium-expert-v2", "--rho", "2"])
+    [cfg], given = dac.parse_config(["--env", "hopper-medium-expert-v2", "--rho", "2"])
     assert (cfg.rho, cfg.bc_threshold) == (2.0, 0.05) and given == {"env", "rho"}
 
 

@@ -74,11 +74,11 @@ def act_latency_ms(agent, obs_dim, batch, device, fast, repeats=50):
     act = dac.make_policy(agent, fast)
     states = torch.randn(batch, obs_dim, device=device)
     for _ in range(5):
-        act(states, gen).cpu()
+        act(states, gen)[0].cpu()
     times = []
     for _ in range(repeats):
         tic = time.perf_counter()
-        act(states, gen).cpu()  # includes the copy back to the host, as when acting in an env
+        act(states, gen)[0].cpu()  # includes the copy back to the host, as when acting in an env
         times.append(time.perf_counter() - tic)
     return 1000 * float(np.median(times))
 
@@ -96,7 +96,7 @@ def eval_seconds(agent, device, episodes=10, steps=1000):
     act(torch.as_tensor(obs, dtype=torch.float32, device=device), gen)
     tic = time.perf_counter()
     for _ in range(steps):
-        action = act(torch.as_tensor(obs, dtype=torch.float32, device=device), gen)
+        action, _ = act(torch.as_tensor(obs, dtype=torch.float32, device=device), gen)
         obs, *_ = envs.step(action.cpu().numpy())
     envs.close()
     return round(time.perf_counter() - tic, 2)
