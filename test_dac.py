@@ -1005,6 +1005,176 @@ def test_eval_only_refuses_other_settings(ws, base_run):
                       "--hidden-dim")
 
 # ======================================================================================================
+# The official defaults (initialisation, batch order), evaluation diagnostics, --stop-at, launches and reports
+# ======================================================================================================
+def test_flax_init_is_xavier_uniform_with_zero_biases_per_member():
+    """init='flax' (the default, as the official code): every weight U(-a, a), a = sqrt(6 / (fan_in + fan_out)),
+    independently per ensemble member, biases 0; init='torch' keeps PyTorch's non-zero biases."""
+    agent = tiny_agent(hidden_dim=64, num_qs=4)
+    assert agent.cfg.init == dac.Config().init == "flax"
+    layers = [(m.weight.T, m.bias) for m in agent.actor.modules() if isinstance(m, nn.Linear)]
+    layers += [(w, m.bias) for m in agent.critic.modules() if isinstance(m, dac.VectorizedLinear) for w in m.weight]
+    assert len(layers) == 6 + 4 * 4
+    for w, b in layers:  # w (in, out)
+        bound = math.sqrt(6 / sum(w.shape))
+        assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
+        if w.numel() >= 1000:
+            assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+        assert torch.equal(b, torch.zeros_like(b))
+    members = agent.critic.net[2].weight
+    assert not torch.equal(members[0], members[1])
+    torch_init = tiny_agent(init="torch")
+    assert torch_init.critic.net[0].bias.abs().max() > 0
+
+
+def test_epoch_batches_see_every_row_once_per_pass_and_resume_exactly():
+    """batch_order='epochs' (the default): within a pass no row repeats, a pass uses N // B full batches, the next
+    pass is a new permutation; a sampler restored from state() draws the same batches as the original."""
+    n, B = 50, 8
+    rows = np.arange(n, dtype=np.float32)[:, None].repeat(S, 1)
+    data = dac.DeviceData({"observations": rows, "next_observations": rows, "actions": np.zeros((n, A), np.float32),
+                           "rewards": np.zeros(n, np.float32), "terminals": np.zeros(n, np.float32)}, CPU)
+    batches = dac.EpochBatches(data, B, seed=0)
+
+    def draw(sampler, k):
+        out = []
+        for _ in range(k):
+            out.append(sampler.sample(B, None).obs[:, 0].long().tolist())
+            sampler.next_step()
+        return out
+
+    first, second = draw(batches, 6), draw(batches, 6)
+    for one_pass in (first, second):
+        seen = [i for b in one_pass for i in b]
+        assert len(seen) == len(set(seen)) == 6 * B
+    assert first != second
+    state = batches.state()
+    ahead = draw(batches, 9)
+    restored = dac.EpochBatches(data, B, seed=123)
+    restored.load_state(state)
+    assert draw(restored, 9) == ahead
+
+
+class FakeVectorEnv:
+    """Two episodes: env 0 terminates after 3 steps, env 1 is cut by a time limit after 600; reward 1 a step."""
+    num_envs = 2
+
+    def reset(self, seed):
+        self.t = 0
+        return np.zeros((2, S)), {}
+
+    def step(self, action):
+        self.t += 1
+        terminated = np.array([self.t >= 3, False])
+        truncated = np.array([False, self.t >= 600])
+        return np.zeros((2, S)), np.ones(2), terminated, truncated, {}
+
+
+def test_evaluation_sets_q_beside_the_discounted_return_and_counts_actions_at_bounds():
+    gamma, scale = 0.99, 0.5
+    act = lambda s, gen: (torch.tensor([[1.0, 0.2, -1.0], [0.0, 0.5, 0.1]]), torch.tensor([7.0, 3.0]))
+    result = dac.evaluate(act, FakeVectorEnv(), 0, CPU, gamma, scale)
+    np.testing.assert_array_equal(result.returns, [3, 600])
+    horizon = math.ceil(math.log(0.01) / math.log(gamma))  # 459: gamma^459 < 1%
+    g = lambda left: scale * (1 - gamma**left) / (1 - gamma)  # discounted return of `left` rewards of 1
+    known = [(7.0, g(3 - t)) for t in range(3)] + [(3.0, g(600 - t)) for t in range(600) if 600 - t > horizon]
+    assert len(known) == 3 + 600 - horizon
+    assert result.q_mean == pytest.approx(np.mean([q for q, _ in known]))
+    assert result.discounted_return == pytest.approx(np.mean([v for _, v in known]))
+    # env 0 has 2 of 3 components at +-1 for 3 steps, env 1 none for 600
+    assert result.action_at_bound == pytest.approx((3 * 2 / 3) / 603)
+
+
+def test_stop_at_then_resume_ends_exactly_as_one_uninterrupted_run(base_run, ws, tmp_path):
+    """--stop-at 20 of a 40-step schedule stops at 20 (recorded in summary.json); --resume --stop-at 0 then ends at
+    40 bit-identical to the uninterrupted run: the learning rate followed the 40-step schedule throughout."""
+    out = tmp_path / "run"
+    args = [*BASE_RUN, "--dataset", ws.hdf5, "--out", out]
+    first = cli([*args, "--stop-at", "20"], ws.env)
+    assert_ok(first)
+    assert "stopped at step 20 of the 40-step schedule" in first.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["steps"], summary["stop_at"], summary["schedule_steps"]) == (20, 20, 40)
+    assert json.loads((out / "config.json").read_text())["stop_at"] == 20
+    assert_ok(cli([*args, "--resume", "--stop-at", "0"], ws.env))
+    ref, got = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
+    assert_same(ref["agent"], got["agent"], "agent")
+    assert_same(ref["batches"], got["batches"], "batches")
+
+
+def report_rows(path: Path) -> dict:
+    """report.md's table as {dataset: {column: cell}}."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+
+
+def check_report(folder: Path, runs: dict) -> None:
+    """report.md's numbers against those computed from each run's own files; report.png exists."""
+    rows = report_rows(folder / "report.md")
+    assert set(rows) == set(runs)
+    for env, outs in runs.items():
+        summaries = [json.loads((out / "summary.json").read_text()) for out in outs]
+        finals = np.array([s["final_score"] for s in summaries])
+        assert rows[env]["final score"] == f"{finals.mean():.1f} ± {finals.std():.1f}"
+        assert rows[env]["per seed: final (best)"] == "; ".join(
+            f"{s['final_score']:.1f} ({s['best_score']:.1f})" for s in summaries)
+        with open(outs[0] / "progress.csv") as f:
+            last = list(csv.DictReader(f))[-1]
+        q_vs_g = f"{float(last['eval_q_mean']):.1f} / {float(last['eval_discounted_return']):.1f}"
+        assert rows[env]["Q / return, last evaluation"].split("; ")[0] == q_vs_g
+    assert (folder / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_launch_writes_a_report_and_report_flag_rewrites_it(ws, tmp_path):
+    group = tmp_path / "group"
+    assert_ok(cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", group, "--seeds", "0", "1"], ws.env))
+    check_report(group, {"hopper-medium-v2": [group / "seed0", group / "seed1"]})
+    first = (group / "report.md").read_text()
+    (group / "report.md").unlink()
+    assert_ok(cli(["--report", group], ws.env))
+    assert (group / "report.md").read_text() == first
+    assert_user_error(cli(["--report", tmp_path / "nothing_here"], ws.env), "no runs found")
+
+
+@pytest.fixture(scope="module")
+def two_datasets(ws, tmp_path_factory):
+    """Tiny default-source files for hopper-medium-v2 (S=11, A=3) and walker2d-medium-v2 (S=17, A=6)."""
+    d4rl = tmp_path_factory.mktemp("d4rl")
+    write_hdf5(d4rl / "hopper_medium-v2.hdf5", d4rl_arrays())
+    write_hdf5(d4rl / "walker2d_medium-v2.hdf5", d4rl_arrays(obs_dim=17, act_dim=6))
+    return {**ws.env, "D4RL_DATASET_DIR": str(d4rl)}
+
+
+def test_torchrun_spreads_runs_over_processes_with_outputs_identical_to_single_runs(two_datasets, tmp_path):
+    """torchrun, 2 CPU processes (gloo): --env hopper-medium-v2 walker2d-medium-v2 puts one run on each rank, each
+    with its own preset; both end exactly as the same runs made one by one, and rank 0 writes the launch's report."""
+    args = ["--steps", "40", "--eval-every", "20", *TINY]
+    launch = tmp_path / "launch"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(REPO / "dac.py"), "--env", "hopper-medium-v2", "walker2d-medium-v2", *args,
+                           "--out", str(launch)], cwd=REPO, env=two_datasets, capture_output=True, text=True,
+                          timeout=600)
+    assert_ok(proc)
+    assert "rank 0/2" in proc.stdout and "rank 1/2" in proc.stdout
+    for env, rho in (("hopper-medium-v2", 1.5), ("walker2d-medium-v2", 1.0)):
+        alone = tmp_path / env
+        assert_ok(cli(["--env", env, *args, "--out", alone], two_datasets))
+        ref, got = load_ckpt(alone / "checkpoint.pt"), load_ckpt(launch / env / "seed0" / "checkpoint.pt")
+        assert got["config"]["rho"] == rho
+        assert_same(ref["agent"], got["agent"], f"{env} agent")
+        strip = lambda rows: [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in rows]
+        assert strip(ref["history"]) == strip(got["history"])
+    check_report(launch, {env: [launch / env / "seed0"] for env in ("hopper-medium-v2", "walker2d-medium-v2")})
+
+
+def test_several_envs_with_one_dataset_file_is_refused(ws):
+    assert_user_error(cli(["--env", "hopper-medium-v2", "walker2d-medium-v2", "--dataset", ws.hdf5], ws.env),
+                      "--dataset names the data of one --env")
+
+
+# ======================================================================================================
 # Toy bandit (the paper's Figure 2)
 # ======================================================================================================
 # The paper's bandit claims (Figure 2) on dataset 0, two Gaussians.
