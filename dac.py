@@ -1242,6 +1242,9 @@ def main(argv: list | None = None) -> None:
 def fast_path_settings(device: torch.device) -> None:
     """Every global torch setting the fast path changes, in one place."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one graph per seed
+    # Every shape is fixed, so no dynamic-shape recompiles (on torch 2.11 one of them, of the frame that resumes in
+    # DAC.optimise after loss.backward(), failed an assertion: "sources must not be empty for symbol").
+    torch._dynamo.config.automatic_dynamic_shapes = False
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # JAX's default for float32 matmuls on GPUs
         torch.backends.cuda.preferred_blas_library("cublaslt")  # faster kernels for these small products (+3%)
