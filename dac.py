@@ -20,9 +20,8 @@ Deliberate differences from the official code (README.md, "Deliberate difference
 * Data come from D4RL hdf5 files or Minari (mujoco/*-v0, recorded on v5 tasks) instead of the d4rl package;
   transitions that end in a time-out are kept (their next observation is in the file) where d4rl's
   `qlearning_dataset` drops them.
-* Weights use PyTorch's default initialisation, not Flax's.
-* eta's dual ascent reads the noise-regression loss of the updated actor; the official code's reads the actor
-  from before the step.
+* Batches come in shuffled passes over the data as in the official code, but every batch is full: a pass's last
+  incomplete batch is dropped (the official code trains on it).
 * Antmaze (max-Q backup, fixed eta) is not included.
 * Each agent owns a torch.Generator; evaluation draws from a separate one, so it never shifts training noise.
 * The fast path on CUDA runs float32 matrix products in TF32, as JAX does by default on GPUs.
@@ -356,7 +355,7 @@ class Batch(NamedTuple):
 class Metrics(NamedTuple):
     """What one update reports (0-d tensors, left on the device)."""
     critic_loss: torch.Tensor     # TD loss of the ensemble
-    bc_loss: torch.Tensor         # noise-regression loss of the actor, before its step
+    bc_loss: torch.Tensor         # noise-regression loss of the actor, before its step (drives eta)
     guidance_loss: torch.Tensor   # the Q-guidance term of the actor loss
     eta: torch.Tensor             # the constraint strength after this step's dual ascent
     q_mean: torch.Tensor          # mean Q_h(s, a) over the ensemble and the batch
@@ -453,10 +452,10 @@ class DAC(nn.Module):
         self.optimise(self.actor_opt, self.eta * loss_bc + loss_guide, cfg.actor_lr)
 
         with torch.no_grad():
-            # --- eta: dual ascent on the noise-regression loss of the updated actor, same (s, x_t, t, eps)
+            # --- eta: dual ascent on this step's noise-regression loss. The official code evaluates it after the
+            # actor's step but with the actor from before it (its Flax model is immutable), i.e. this same loss.
             if cfg.eta_lr > 0:
-                self.eta.copy_(dual_ascent_eta(self.eta, bc_loss(self.actor(s, x_t, t), eps),
-                                               cfg.bc_threshold, cfg.eta_lr))
+                self.eta.copy_(dual_ascent_eta(self.eta, loss_bc, cfg.bc_threshold, cfg.eta_lr))
             # --- target actor: EMA every `actor_ema_every` steps once past `actor_ema_start` (else rate 0)
             due = (self.step % cfg.actor_ema_every == 0) & (self.step > cfg.actor_ema_start)
             soft_update_(self.target_actor, self.actor, torch.where(due, cfg.actor_ema_tau, 0.0))

@@ -463,10 +463,8 @@ def test_update_step_matches_a_slow_rederivation_of_the_paper():
     for p_ref, p in zip(actor0.parameters(), agent.actor.parameters()):
         torch.testing.assert_close(p, p_ref, atol=1e-6, rtol=1e-4)
 
-    # --- eta: dual ascent with the UPDATED actor on the same (s, x_t, t, eps)
-    with torch.no_grad():
-        bc_after = ((agent.actor(s, x_t, t) - eps) ** 2).mean().item()
-    eta = min(max(cfg.eta + cfg.eta_lr * min(max(bc_after - cfg.bc_threshold, -1), 1), 1e-3), 100)
+    # --- eta: dual ascent on the noise-regression loss before the actor's step (the official code's order)
+    eta = min(max(cfg.eta + cfg.eta_lr * min(max(bc.item() - cfg.bc_threshold, -1), 1), 1e-3), 100)
     assert agent.eta.item() == pytest.approx(eta, rel=1e-5)
     assert metrics.eta.item() == pytest.approx(eta, rel=1e-5)
     assert int(agent.step) == 1
