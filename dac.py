@@ -36,6 +36,8 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import hashlib
+import io
 import json
 import math
 import os
@@ -868,26 +870,56 @@ def plot_curve(history: list, path: Path, title: str) -> None:
 CHECKPOINT_FORMAT = 3  # 2: hand-written Adam's moments as buffers; 3: torch.optim.Adam's state_dicts
 
 
+def checksum_path(path: Path) -> Path:
+    """Where a checkpoint's SHA-256 is kept: <path>.sha256, in sha256sum's format (`sha256sum -c` checks it)."""
+    return path.with_name(path.name + ".sha256")
+
+
 def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write atomically: a crash while saving leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **ckpt}, tmp)
-    os.replace(tmp, path)
+    """Write the checkpoint and its SHA-256, each atomically: a crash while saving leaves the previous one intact."""
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **ckpt}, buffer)
+    data = buffer.getvalue()
+    checksum = f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode()
+    for target, content in ((path, data), (checksum_path(path), checksum)):
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, target)
 
 
 def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None) -> dict:
-    """Load a checkpoint; with `cfg`, refuse one whose learning-relevant settings differ from it."""
+    """Load a checkpoint that save_checkpoint wrote: its bytes must match the SHA-256 beside it, and it is unpickled
+    with weights_only=True (tensors and plain values only, never code). With `cfg`, refuse one whose
+    learning-relevant settings differ from it."""
+    sums = checksum_path(path)
+    trust = (f"if you trust the file as it is, record its checksum (cd {path.parent} && sha256sum {path.name} > "
+             f"{sums.name}) and run again")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        data = path.read_bytes()
+        expected = sums.read_text().split()[:1] if sums.exists() else None
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path} ({e.strerror or type(e).__name__}). Expected the "
+                        f"checkpoint.pt of a dac.py run.") from None
+    if expected is not None and expected != [hashlib.sha256(data).hexdigest()]:
+        raise UserError(f"cannot read checkpoint {path}: its SHA-256 differs from the one recorded in {sums.name} "
+                        f"when dac.py wrote it, so it was damaged or changed since. Use an intact copy, or start a "
+                        f"new run in another --out; {trust}.")
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
         saved = ckpt["config"]
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). Expected a checkpoint.pt "
-                        f"written by dac.py.") from None
+    except Exception as e:  # PyTorch's own message is several lines and suggests weights_only=False: not shown
+        raise UserError(f"cannot read checkpoint {path}: it is not a checkpoint written by dac.py (PyTorch's "
+                        f"weights-only loader, which accepts tensors and plain values only, failed with "
+                        f"{type(e).__name__}). Point --out or --eval-only at a dac.py checkpoint.") from None
     fmt = ckpt.get("format", 1)  # checkpoints before format 2 had no number
     if fmt != CHECKPOINT_FORMAT:
         raise UserError(f"checkpoint {path} has format {fmt}, written by another version of "
                         f"dac.py; this one reads format {CHECKPOINT_FORMAT}. Resume or evaluate it with the dac.py "
                         f"that wrote it, or start a new run in another --out.")
+    if expected is None:
+        raise UserError(f"checkpoint {path} has no {sums.name} beside it (dac.py writes one with every checkpoint, "
+                        f"to detect damage), so it cannot be checked. Copy that file along with the checkpoint; "
+                        f"{trust}.")
     if cfg is not None:
         differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(cfg).items()
                   if k not in RUN_ONLY_FIELDS and saved.get(k) != v]

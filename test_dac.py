@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -153,7 +155,7 @@ def assert_same(a, b, where="checkpoint"):
 
 
 def load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def tiny_agent(**overrides) -> dac.DAC:
@@ -718,6 +720,9 @@ def check_outputs(out: Path, steps: int, eval_every: int, hidden_dim: int) -> li
     assert isinstance(summary["wall_seconds"], (int, float)) and summary["wall_seconds"] > 0
     ckpt = load_ckpt(out / "checkpoint.pt")
     assert int(ckpt["agent"]["nets"]["step"]) == steps
+    checksum = (out / "checkpoint.pt.sha256").read_text().split()[0]
+    assert checksum == hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest()
+    assert not list(out.glob("*.tmp"))
     assert ckpt["agent"]["nets"]["critic.net.0.weight"].shape == (3, S + A, hidden_dim)  # (H, in, out)
     return rows
 
@@ -979,18 +984,85 @@ def test_resume_without_checkpoint(ws, tmp_path):
                       "no checkpoint", "--resume")
 
 
-def test_unreadable_checkpoint(ws, run_copy):
+def assert_one_line(proc: subprocess.CompletedProcess) -> None:
+    """Nothing on stderr but the one error line (no PyTorch message after it)."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("checksum", ["kept", "removed"])
+def test_unreadable_checkpoint(ws, run_copy, checksum):
+    """Garbage in checkpoint.pt, with the run's checksum file beside it (it no longer matches) or without one (a
+    file from elsewhere: PyTorch's weights-only loader refuses it): one line, exit 2, for --resume and --eval-only."""
     (run_copy / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    assert_user_error(cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume"], ws.env),
-                      "cannot read checkpoint")
-    assert_user_error(cli(["--eval-only", run_copy / "checkpoint.pt", "--no-fast"], ws.env), "cannot read checkpoint")
+    if checksum == "removed":
+        (run_copy / "checkpoint.pt.sha256").unlink()
+    needle = "SHA-256" if checksum == "kept" else "not a checkpoint written by dac.py"
+    for args in ([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume"],
+                 ["--eval-only", run_copy / "checkpoint.pt", "--no-fast"]):
+        proc = cli(args, ws.env)
+        assert_user_error(proc, "cannot read checkpoint", needle)
+        assert_one_line(proc)
+
+
+def test_checkpoint_with_flipped_bytes_is_refused(ws, run_copy):
+    """4 KB of flipped bytes inside a real checkpoint (which PyTorch alone would load, with 1,025 weights changed):
+    refused in one line by the SHA-256 check, for --resume and --eval-only, and the file is left as it is."""
+    path = run_copy / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
+    path.write_bytes(data)
+    for args in ([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume"],
+                 ["--eval-only", path, "--no-fast"]):
+        proc = cli(args, ws.env)
+        assert_user_error(proc, "cannot read checkpoint", "SHA-256", "damaged or changed", "sha256sum")
+        assert_one_line(proc)
+    assert path.read_bytes() == data
+
+
+def test_checkpoint_without_checksum_is_refused_until_one_is_recorded(ws, run_copy, tmp_path):
+    """A checkpoint copied without its .sha256 cannot be checked: refused, saying how to record the sum; once
+    recorded in sha256sum's format, it loads."""
+    path, sums = run_copy / "checkpoint.pt", run_copy / "checkpoint.pt.sha256"
+    recorded = sums.read_text()
+    assert recorded == f"{hashlib.sha256(path.read_bytes()).hexdigest()}  checkpoint.pt\n"  # sha256sum's format
+    sums.unlink()
+    with pytest.raises(dac.UserError, match="no checkpoint.pt.sha256 beside it.*sha256sum checkpoint.pt"):
+        dac.load_checkpoint(path, CPU)
+    sums.write_text(recorded)
+    assert int(dac.load_checkpoint(path, CPU)["agent"]["nets"]["step"]) == 40
+
+
+def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    """A pickle that calls os.mkdir when unpickled, with a matching checksum (a hash shows damage, not intent):
+    the weights-only loader refuses it and the call never runs."""
+    marker = tmp_path / "code_ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    path = tmp_path / "checkpoint.pt"
+    dac.save_checkpoint(path, {"config": {}, "agent": RunsCode()})
+    with pytest.raises(dac.UserError, match="not a checkpoint written by dac.py"):
+        dac.load_checkpoint(path, CPU)
+    assert not marker.exists()
+
+
+def test_every_checkpoint_load_is_weights_only():
+    """Every torch.load in the project's programs unpickles with weights_only=True."""
+    for program in [REPO / "dac.py", REPO / "toy_bandit.py", *sorted((REPO / "bench").glob("*.py"))]:
+        for call in re.findall(r"torch\.load\((.*)", program.read_text()):
+            assert "weights_only=True" in call, f"{program.name}: torch.load({call}"
 
 
 def test_checkpoint_of_another_format_is_refused(ws, run_copy):
     path = run_copy / "checkpoint.pt"
     ckpt = load_ckpt(path)
-    del ckpt["format"]  # as written before formats were numbered
+    del ckpt["format"]  # as written before formats were numbered, and before checksums
     torch.save(ckpt, path)
+    (run_copy / "checkpoint.pt.sha256").unlink()
     before = path.read_bytes()
     assert_user_error(cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume"], ws.env), "format 1",
                       "reads format 3")
