@@ -921,12 +921,19 @@ def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None)
                         f"to detect damage), so it cannot be checked. Copy that file along with the checkpoint; "
                         f"{trust}.")
     if cfg is not None:
-        differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(cfg).items()
-                  if k not in RUN_ONLY_FIELDS and saved.get(k) != v]
-        if differ:
-            raise UserError(f"checkpoint {path} comes from another configuration ({'; '.join(differ)}). Resume "
-                            f"with the same flags as the original run, or start a new run in another --out.")
+        refuse_other_configuration(path, saved, dataclasses.asdict(cfg))
     return ckpt
+
+
+def refuse_other_configuration(path: Path, saved: dict, now: dict) -> None:
+    """Refuse to continue the checkpoint at `path` (configuration `saved`) with settings `now` that change what is
+    learned; run-only fields may differ."""
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+              if k not in RUN_ONLY_FIELDS and saved.get(k) != v]
+    if differ:
+        raise UserError(f"checkpoint {path} comes from another configuration ({'; '.join(differ)}). Resume with "
+                        f"--resume --out FOLDER alone (the run's own configuration is used) or with flags that agree "
+                        f"with it, or start a new run in another --out.")
 
 
 def check_config(cfg: Config) -> None:
@@ -996,11 +1003,31 @@ def config_parser(cls, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def resumed_config(given: dict) -> dict:
+    """The configuration --resume continues, read from the run's checkpoint: in --out, else in the default folder
+    (runs/<env>/seed<seed>); for --seeds, or an --out that holds seed<N> folders, that of the first seed. Flags given
+    must agree with it, except run-only ones."""
+    seeds, out = given.get("seeds") or [], given.get("out", "")
+    if not seeds and out and not (Path(out) / "checkpoint.pt").exists():  # an --out of a --seeds run
+        seeds = sorted(int(p.parent.name[4:]) for p in Path(out).glob("seed*/checkpoint.pt")
+                       if p.parent.name[4:].isdigit())
+    seed, base = (seeds or [given.get("seed", Config.seed)])[0], out or f"runs/{given.get('env', Config.env)}"
+    path = Path(out if out and not seeds else f"{base}/seed{seed}") / "checkpoint.pt"
+    if not path.exists():
+        raise UserError(f"--resume: there is no checkpoint at {path}. Start without --resume, or point --out at the "
+                        f"folder of the run to continue.")
+    saved = load_checkpoint(path, torch.device("cpu"))["config"]
+    refuse_other_configuration(path, saved, {k: v for k, v in given.items() if not (seeds and k == "seed")})
+    fields = {f.name for f in dataclasses.fields(Config)} - {"out", "resume", "seeds", "eval_only"}
+    return {**{k: v for k, v in saved.items() if k in fields}, "seeds": seeds}
+
+
 def parse_config(argv: list | None = None) -> tuple:
-    """Command line generated from Config: presets for --env first, then every flag given overrides them.
-    Returns (config, names of the flags given)."""
+    """Command line generated from Config: presets for --env first (with --resume, the run's own configuration),
+    then every flag given overrides them. Returns (config, names of the flags given)."""
     given = vars(config_parser(Config, __doc__.split("\n\n")[0]).parse_args(argv))
-    cfg = Config(**{**PRESETS.get(given.get("env", Config.env), {}), **given})
+    base = resumed_config(given) if given.get("resume") else PRESETS.get(given.get("env", Config.env), {})
+    cfg = Config(**{**base, **given})
     check_config(cfg)
     return cfg, set(given)
 

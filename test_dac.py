@@ -112,11 +112,12 @@ def write_minari(root: Path, dataset_id: str, lengths=(30, 35, 40), obs_dim=S, a
     return sum(lengths)
 
 
-def cli(args: list, env: dict, script: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python dac.py ARGS` (or `python -c SCRIPT ARGS`) in the repository, output captured."""
+def cli(args: list, env: dict, script: str | None = None, timeout: int = 300, cwd: Path = REPO,
+        **kwargs) -> subprocess.CompletedProcess:
+    """`python dac.py ARGS` (or `python -c SCRIPT ARGS`) in the repository (or `cwd`), output captured."""
     head = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / "dac.py")]
-    return subprocess.run([*head, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*head, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str, rc: int = 2) -> str:
@@ -772,15 +773,16 @@ def test_ctrl_c_that_breaks_a_compile_keeps_the_last_checkpoint(ws, tmp_path):
 
 
 def test_resume_after_interruption_is_exact(base_run, ws, tmp_path):
-    """Ctrl-C after step 27 (mid evaluation window), then --resume: the final checkpoint equals the
-    uninterrupted run's tensor for tensor (networks, optimisers, eta, step, RNG, metric sums, history)."""
+    """Ctrl-C after step 27 (mid evaluation window), then `--resume --out DIR` alone (the run's configuration comes
+    from its checkpoint): the final checkpoint equals the uninterrupted run's tensor for tensor (networks,
+    optimisers, eta, step, RNG, metric sums, history)."""
     out = tmp_path / "run"
     args = [*BASE_RUN, "--dataset", ws.hdf5, "--out", out]
     first = cli(["27", *args], ws.env, script=INTERRUPT_AFTER_STEP)
     assert first.returncode == 130 and "Traceback" not in first.stderr, first.stderr[-3000:]
     assert "--resume" in first.stdout
     assert int(load_ckpt(out / "checkpoint.pt")["agent"]["nets"]["step"]) == 27
-    second = cli([*args, "--resume"], ws.env)
+    second = cli(["--resume", "--out", out], ws.env)
     assert_ok(second)
 
     ref, got = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
@@ -819,6 +821,8 @@ def test_resuming_seeds_at_different_steps_together_is_refused(base_run, ws, tmp
     before = (group / "seed1" / "checkpoint.pt").read_bytes()
     proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", group, "--seeds", "0", "1", "--resume"], ws.env)
     assert_user_error(proc, "seed 0: 40", "seed 1: 27", "--seed N --resume")
+    for alone in (["--seeds", "0", "1"], []):  # the configuration, and with --out alone the seeds, from the folder
+        assert_user_error(cli(["--resume", "--out", group, *alone], ws.env), "seed 0: 40", "seed 1: 27")
     assert (group / "seed1" / "checkpoint.pt").read_bytes() == before
 
 
@@ -966,10 +970,25 @@ def run_copy(base_run, tmp_path):
 
 
 def test_resume_refuses_checkpoint_from_another_configuration(ws, run_copy):
+    """Flags given with --resume must agree with the run's configuration; the refusal lists those that differ, before
+    any data is loaded. Run-only flags (--eval-episodes, --device, ...) may differ."""
     before = (run_copy / "checkpoint.pt").read_bytes()
     args = [*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume", "--hidden-dim", "64"]
     assert_user_error(cli(args, ws.env), "another configuration", "hidden_dim")
+    proc = cli(["--resume", "--out", run_copy, "--rho", "2", "--steps", "40", "--eval-episodes", "1"], ws.env)
+    message = assert_user_error(proc, "another configuration", "rho: checkpoint 1.5, now 2.0")
+    assert "steps" not in message and "eval_episodes" not in message and "data:" not in proc.stdout
     assert (run_copy / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_alone_in_the_default_folder(ws, base_run, tmp_path):
+    """`--resume --env E` continues runs/E/seed0 with its own configuration (here a finished run: nothing to do)."""
+    shutil.copytree(base_run.out, tmp_path / "runs/hopper-medium-v2/seed0")
+    proc = cli(["--resume", "--env", "hopper-medium-v2"], ws.env, cwd=tmp_path)
+    assert_ok(proc)
+    config = json.loads(proc.stdout.split("config:", 1)[1].splitlines()[0])
+    assert (config["steps"], config["hidden_dim"], config["fast"]) == (40, 32, False)
+    assert "seed 0: done, outputs in runs/hopper-medium-v2/seed0" in proc.stdout
 
 
 def test_existing_checkpoint_is_not_overwritten_without_resume(ws, run_copy):
