@@ -66,8 +66,10 @@ def arg(default, help, **kwargs):
 @dataclass
 class Config:
     # --- task and data
-    env: str = arg("hopper-medium-v2", "D4RL-style dataset name; picks the task, the presets and the data")
-    dataset: list = arg([], "D4RL-layout hdf5 files and/or Minari ids, concatenated in order (default: from --env)")
+    env: str = arg("hopper-medium-v2", "D4RL-style dataset name (the valid names are listed at the end); picks the "
+                                       "task, the preset and the data")
+    dataset: list = arg([], "D4RL-layout hdf5 files and/or Minari ids, concatenated in order (default: the --env "
+                            "name's data: D4RL's cache file, else Minari)")
     # --- run length, evaluation, output
     steps: int = arg(2_000_000, "gradient steps (the cosine learning-rate decay spans them)")
     eval_every: int = arg(10_000, "gradient steps between evaluations (and checkpoints)")
@@ -76,8 +78,10 @@ class Config:
     seeds: list = arg([], "train several seeds at once on one device, each with its own outputs (overrides --seed)",
                       type=int)
     device: str = arg("auto", "where to train", choices=["auto", "cpu", "cuda"])
-    out: str = arg("", "output folder (default runs/<env>/seed<seed>)")
-    resume: bool = arg(False, "continue from <out>/checkpoint.pt with exactly its state")
+    out: str = arg("", "output folder (default: runs/<env>/seed<seed>; with --seeds, runs/<env>, one seed<N> "
+                       "folder in it per seed)")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint, with exactly its state and "
+                              "configuration; flags given again must agree with it")
     eval_only: str = arg("", "evaluate the agent in this checkpoint and exit")
     fast: bool = arg(True, "torch.compile the gradient step and acting; on CUDA also replay each as a CUDA graph "
                            "(--no-fast: plain eager PyTorch)")
@@ -88,7 +92,8 @@ class Config:
     clip_sample: bool = arg(True, "clip the sampler's x0 estimate to [-1, 1] at every reverse step")
     eta: float = arg(1.0, "initial weight of the behaviour-cloning term (KL constraint strength)")
     eta_lr: float = arg(1e-3, "dual-ascent step size for eta (0 keeps eta fixed)")
-    bc_threshold: float = arg(1.0, "b: eta rises while the noise-regression loss exceeds b, falls below it")
+    bc_threshold: float = arg(1.0, "b: eta rises while the noise-regression loss exceeds b, falls below it "
+                                   "(default: the --env name's preset, listed at the end; 1.0 without one)")
     num_action_samples: int = arg(10, "N_a: actions sampled per state when acting; the best by Q is taken")
     actor_lr: float = arg(3e-4, "actor Adam learning rate (cosine-decayed to 0)")
     actor_ema_tau: float = arg(0.005, "EMA rate of the target actor")
@@ -96,7 +101,8 @@ class Config:
     actor_ema_start: int = arg(1000, "... once the step count exceeds this")
     # --- critic: Q-ensemble with LCB target
     num_qs: int = arg(10, "H: critics in the ensemble")
-    rho: float = arg(1.0, "LCB pessimism: target = mean_h V - rho * std_h V")
+    rho: float = arg(1.0, "LCB pessimism: target = mean_h V - rho * std_h V (default: the --env name's preset, "
+                          "listed at the end; 1.0 without one)")
     q_target: str = arg("lcb", "ensemble target", choices=["lcb", "min"])
     num_next_actions: int = arg(10, "N: next actions drawn from the target actor per next state")
     critic_lr: float = arg(3e-4, "critic Adam learning rate (cosine-decayed to 0)")
@@ -986,21 +992,66 @@ def eval_only(cfg: Config, given: set, device: torch.device) -> None:
     print(json.dumps(result, indent=2))
 
 
-def config_parser(cls, description: str) -> argparse.ArgumentParser:
-    """One flag per field of a config dataclass (Config, or toy_bandit's), with the field's help and default.
-    Flags not given stay out of the parsed namespace, so presets can sit between defaults and flags."""
-    parser = argparse.ArgumentParser(description=description)
+def integer(text: str) -> int:
+    """argparse type of the integer flags: a whole number, also written as a float (--steps 1e6)."""
+    with contextlib.suppress(ValueError):
+        return int(text)
+    with contextlib.suppress(ValueError):
+        if float(text).is_integer():
+            return int(float(text))
+    raise argparse.ArgumentTypeError(f"expected a whole number such as 2000000 or 2e6, got {text!r}")
+
+
+def config_parser(cls, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """One flag per field of a config dataclass (Config, or toy_bandit's), with the field's help and its default
+    (unless the help names it, or it is empty). Flags not given stay out of the parsed namespace, so presets can sit
+    between defaults and flags. `epilog` is shown as written."""
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter if epilog else
+                                     argparse.HelpFormatter)
     for f in dataclasses.fields(cls):
         meta, default = dict(f.metadata), getattr(cls(), f.name)
-        kwargs = dict(default=argparse.SUPPRESS, help=f"{meta.pop('help')} (default: {default!r})")
+        help = meta.pop("help")
+        if "default" not in help and default not in ("", []):
+            help += f" (default: {default!r})"
+        kwargs = dict(default=argparse.SUPPRESS, help=help)
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
-            kwargs.update(nargs="+", type=meta.pop("type", str), **meta)
+            item = meta.pop("type", str)
+            kwargs.update(nargs="+", type=integer if item is int else item, **meta)
         else:
-            kwargs.update(type=type(default), **meta)
+            kwargs.update(type=integer if type(default) is int else type(default), **meta)
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return parser
+
+
+def help_epilog() -> str:
+    """The end of --help: the presets per dataset family, the valid --env names, a few examples."""
+    import textwrap
+
+    flags = lambda preset: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
+    families = {}
+    for env, preset in PRESETS.items():
+        families.setdefault(family_of(env), {})[env[len(family_of(env)) + 1:-3]] = preset
+    lines = ["presets, set by the --env name (a flag given overrides them):"]
+    for family, levels in families.items():
+        usual = max(levels.values(), key=list(levels.values()).count)
+        lines.append(f"  {family + '-*':<16}{flags(usual)}" + "".join(
+            f";  {level}: {flags({k: v for k, v in preset.items() if usual.get(k) != v})}"
+            for level, preset in levels.items() if preset != usual))
+    unset = [env for env in ENV_NAMES if env not in PRESETS]
+    if unset:
+        lines.append(f"  no preset (the defaults): {', '.join(unset)}")
+    names = textwrap.fill(", ".join(ENV_NAMES), 100, initial_indent="  ", subsequent_indent="  ",
+                          break_on_hyphens=False)
+    return "\n".join([*lines, "", "valid --env names:", names, "", "examples:",
+                      "  python dac.py --env hopper-medium-v2 --dataset hopper_medium-v2.hdf5",
+                      "  python dac.py --env hopper-medium-expert-v2 --dataset hopper_medium.hdf5 hopper_expert.hdf5",
+                      "  python dac.py --env walker2d-medium-v2 --seeds 0 1 2 3 --steps 1e6",
+                      "  python dac.py --resume --out runs/hopper-medium-v2/seed0   # after Ctrl-C: the run's own "
+                      "configuration",
+                      "  python dac.py --eval-only runs/hopper-medium-v2/seed0/checkpoint.pt"])
 
 
 def resumed_config(given: dict) -> dict:
@@ -1025,7 +1076,7 @@ def resumed_config(given: dict) -> dict:
 def parse_config(argv: list | None = None) -> tuple:
     """Command line generated from Config: presets for --env first (with --resume, the run's own configuration),
     then every flag given overrides them. Returns (config, names of the flags given)."""
-    given = vars(config_parser(Config, __doc__.split("\n\n")[0]).parse_args(argv))
+    given = vars(config_parser(Config, __doc__.split("\n\n")[0], help_epilog()).parse_args(argv))
     base = resumed_config(given) if given.get("resume") else PRESETS.get(given.get("env", Config.env), {})
     cfg = Config(**{**base, **given})
     check_config(cfg)

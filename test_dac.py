@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -595,6 +596,40 @@ def test_defaults_are_the_papers_and_presets_apply_before_flags():
     assert (cfg.rho, cfg.bc_threshold) == (2.0, 0.05) and given == {"env", "rho"}
 
 
+def test_help_one_default_per_flag_presets_env_names_and_examples(capsys):
+    """--help shows each flag's default once, the presets per dataset family (which --rho and --bc-threshold say
+    set them), every valid --env name and a few examples."""
+    with pytest.raises(SystemExit) as exit_:
+        dac.parse_config(["--help"])
+    assert exit_.value.code == 0
+    options, epilog = capsys.readouterr().out.split("\noptions:\n")[1].split("\n\n", 1)
+    flags = {block.split()[0].rstrip(","): " ".join(block.split()) for block in re.split(r"\n(?=  -)", options)}
+    assert len(flags) == 1 + len(dataclasses.fields(dac.Config))
+    for flag, text in flags.items():
+        assert text.count("default") <= 1, text
+    for flag in ("--dataset", "--out", "--steps", "--rho", "--bc-threshold", "--env", "--resume"):
+        assert flags[flag].count("default") == 1, flags[flag]
+    assert "preset" in flags["--rho"] and "preset" in flags["--bc-threshold"] and "listed" in flags["--env"]
+    table = {line.split()[0]: " ".join(line.split()[1:]) for line in epilog.split("\n\n")[0].splitlines()[1:]}
+    assert table["hopper-*"] == "--rho 1.5 --bc-threshold 1.0; medium-expert: --bc-threshold 0.05"
+    assert table["walker2d-*"] == "--rho 1.0 --bc-threshold 1.0"
+    assert table["halfcheetah-*"] == "--rho 0.0 --bc-threshold 1.0; medium-expert: --bc-threshold 0.1"
+    names = epilog.split("valid --env names:\n")[1].split("\n\n")[0].replace(",", " ").split()
+    assert names == dac.ENV_NAMES
+    assert "examples:" in epilog and "--steps 1e6" in epilog and "--resume --out" in epilog
+
+
+def test_integer_flags_take_whole_numbers_written_as_floats(capsys):
+    cfg, _ = dac.parse_config(["--steps", "1e6", "--eval-every", "2E4", "--seeds", "0", "3.0", "--T", "5"])
+    assert (cfg.steps, cfg.eval_every, cfg.seeds, cfg.T) == (1_000_000, 20_000, [0, 3], 5)
+    assert all(type(v) is int for v in (cfg.steps, cfg.eval_every, *cfg.seeds, cfg.T))
+    for bad in ("1.5", "2e-1", "inf", "abc"):
+        with pytest.raises(SystemExit) as exit_:
+            dac.parse_config(["--steps", bad])
+        proc = SimpleNamespace(returncode=exit_.value.code, stdout="", stderr=capsys.readouterr().err)
+        assert_user_error(proc, "--steps", "whole number", repr(bad))
+
+
 def test_normalized_score_uses_d4rl_constants():
     np.testing.assert_allclose(dac.normalized_score("hopper-medium-v2", [HOPPER_EXPERT, HOPPER_RANDOM]), [100, 0])
     np.testing.assert_allclose(dac.normalized_score("halfcheetah-medium-v2", [12135.0, -280.178953]), [100, 0])
@@ -975,7 +1010,7 @@ def test_resume_refuses_checkpoint_from_another_configuration(ws, run_copy):
     before = (run_copy / "checkpoint.pt").read_bytes()
     args = [*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume", "--hidden-dim", "64"]
     assert_user_error(cli(args, ws.env), "another configuration", "hidden_dim")
-    proc = cli(["--resume", "--out", run_copy, "--rho", "2", "--steps", "40", "--eval-episodes", "1"], ws.env)
+    proc = cli(["--resume", "--out", run_copy, "--rho", "2", "--steps", "4e1", "--eval-episodes", "1"], ws.env)
     message = assert_user_error(proc, "another configuration", "rho: checkpoint 1.5, now 2.0")
     assert "steps" not in message and "eval_episodes" not in message and "data:" not in proc.stdout
     assert (run_copy / "checkpoint.pt").read_bytes() == before
