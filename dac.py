@@ -504,6 +504,7 @@ class Run:
         self.agent = DAC(cfg, *dims, device)
         self.metric_sums = {name: torch.zeros((), device=device) for name in Metrics._fields}
         self.metric_count, self.history, self.wall_seconds = 0, [], 0.0
+        self.train_seconds = 0.0  # training time of the metric_count steps (across a resume): their steps/s
         ckpt_path = self.out / "checkpoint.pt"
         if cfg.resume:
             if not ckpt_path.exists():
@@ -524,6 +525,7 @@ class Run:
         for name, value in ckpt["metric_sums"].items():
             self.metric_sums[name].copy_(value)
         self.metric_count, self.history, self.wall_seconds = ckpt["metric_count"], ckpt["history"], ckpt["wall"]
+        self.train_seconds = ckpt.get("train_seconds", 0.0)  # checkpoints before it was kept lack it
 
     def after_step(self) -> None:
         """Book-keeping after each gradient step."""
@@ -544,18 +546,18 @@ class Run:
     def elapsed(self) -> float:
         return self.wall_seconds + time.perf_counter() - self.started
 
-    def evaluate_and_save(self, envs, train_seconds: float) -> dict:
+    def evaluate_and_save(self, envs) -> dict:
         """Evaluate, append a progress row, rewrite every output file, checkpoint. Returns the row."""
         self.check_finite()
         returns = evaluate(self.act, envs, self.cfg.seed * 1_000_003 + self.step, self.agent.step.device)
         row = {"step": self.step, "return_mean": float(returns.mean()), "return_std": float(returns.std()),
                "normalized_score": float(normalized_score(self.cfg.env, returns).mean()),
                **{name: value.item() / max(self.metric_count, 1) for name, value in self.metric_sums.items()},
-               "steps_per_sec": self.metric_count / max(train_seconds, 1e-9)}
+               "steps_per_sec": self.metric_count / max(self.train_seconds, 1e-9)}
         self.history.append(row)
         for value in self.metric_sums.values():
             value.zero_()
-        self.metric_count = 0
+        self.metric_count, self.train_seconds = 0, 0.0
         self.write_outputs()
         self.save_checkpoint()
         return row
@@ -576,7 +578,8 @@ class Run:
         save_checkpoint(self.out / "checkpoint.pt",
                         {"config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
                          "metric_sums": {name: value.cpu() for name, value in self.metric_sums.items()},
-                         "metric_count": self.metric_count, "history": self.history, "wall": self.elapsed()})
+                         "metric_count": self.metric_count, "train_seconds": self.train_seconds,
+                         "history": self.history, "wall": self.elapsed()})
 
 
 def train(cfgs: list, device: torch.device) -> None:
@@ -615,9 +618,11 @@ def train(cfgs: list, device: torch.device) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - tic
+            for run in runs:
+                run.train_seconds += seconds
             if runs[0].step % eval_every == 0 or runs[0].step == total:
                 for run in runs:
-                    row = run.evaluate_and_save(envs, seconds)
+                    row = run.evaluate_and_save(envs)
                     bar.write(f"seed {run.cfg.seed} step {row['step']}: score {row['normalized_score']:.1f} "
                               f"(return {row['return_mean']:.0f}), eta {row['eta']:.3f}, "
                               f"{row['steps_per_sec']:.0f} steps/s")

@@ -65,6 +65,23 @@ dac.Run.after_step = interrupting_step
 dac.main(sys.argv[1:])
 """
 
+# Runs dac.main on a fake clock on which every gradient step takes exactly one second and nothing else takes time,
+# with a plain progress line due after every step (once there are such lines); a real SIGINT arrives right after step `argv[1]` (0: none).
+ONE_SECOND_STEPS = """
+import os, signal, sys, types
+import dac
+stop_at, clock = int(sys.argv.pop(1)), [0.0]
+dac.time = types.SimpleNamespace(perf_counter=lambda: clock[0])
+dac.PROGRESS_EVERY_SECONDS = 0
+after_step = dac.Run.after_step
+def one_second_step(self):
+    after_step(self)
+    clock[0] += 1.0
+    if self.step == stop_at:
+        os.kill(os.getpid(), signal.SIGINT)
+dac.Run.after_step = one_second_step
+dac.main(sys.argv[1:])
+"""
 
 # ======================================================================================================
 # Helpers: tiny datasets, the CLI, checks
@@ -117,8 +134,8 @@ def cli(args: list, env: dict, script: str | None = None, timeout: int = 300, cw
         **kwargs) -> subprocess.CompletedProcess:
     """`python dac.py ARGS` (or `python -c SCRIPT ARGS`) in the repository (or `cwd`), output captured."""
     head = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / "dac.py")]
-    return subprocess.run([*head, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+    return subprocess.run([*head, *map(str, args)], cwd=cwd, env=env, text=True, timeout=timeout,
+                          **{"capture_output": True, **kwargs})
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str, rc: int = 2) -> str:
@@ -832,6 +849,21 @@ def test_resume_after_interruption_is_exact(base_run, ws, tmp_path):
     ref_summary, summary = (json.loads((o / "summary.json").read_text()) for o in (base_run.out, out))
     ref_summary.pop("wall_seconds"), summary.pop("wall_seconds")
     assert summary == ref_summary
+
+
+def progress_rows(out: Path) -> list:
+    with open(out / "progress.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_steps_per_sec_is_right_on_the_row_that_spans_a_resume(ws, tmp_path):
+    """Ctrl-C after step 27, then --resume: the step-40 row's steps/s counts the 7 steps and seconds before the
+    interruption as well as the 13 after it (each step takes one second here)."""
+    out = tmp_path / "run"
+    first = cli(["27", *BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env, script=ONE_SECOND_STEPS)
+    assert first.returncode == 130, first.stderr[-3000:]
+    assert_ok(cli(["0", "--resume", "--out", out], ws.env, script=ONE_SECOND_STEPS))
+    assert [(r["step"], r["steps_per_sec"]) for r in progress_rows(out)] == [(20, 1.0), (40, 1.0)]
 
 
 def test_seeds_trained_together_match_seeds_trained_alone(base_run, ws, tmp_path):
