@@ -582,6 +582,25 @@ class Run:
                          "history": self.history, "wall": self.elapsed()})
 
 
+PROGRESS_EVERY_SECONDS = 30.0  # output not a terminal (nohup, a cluster job, CI): a plain progress line this often
+
+
+def duration(seconds: float) -> str:
+    """Roughly, for people: 45 s, 12 min, 3.4 h, 2.3 days."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 172_800 else f"{seconds / 86400:.1f} days"
+
+
+def progress_line(runs: list, total: int, steps_per_sec: float) -> str:
+    """What the progress bar shows, as one plain line: step, steps/s, last score(s), training time left."""
+    step, scores = runs[0].step, [f"{r.history[-1]['normalized_score']:.1f}" for r in runs if r.history]
+    return (f"step {step}/{total} ({100 * step / total:.1f}%), {steps_per_sec:.1f} steps/s, last score "
+            f"{', '.join(scores) or 'none yet'}, about {duration((total - step) / max(steps_per_sec, 1e-9))} left")
+
+
 def train(cfgs: list, device: torch.device) -> None:
     """Train one or several seeds on one device in lock-step, evaluating and checkpointing every eval_every
     steps. Ctrl-C finishes the current step, saves a checkpoint and exits with code 130."""
@@ -604,8 +623,8 @@ def train(cfgs: list, device: torch.device) -> None:
     bar = tqdm(total=total * len(runs), initial=sum(r.step for r in runs), unit="step", disable=None)
     try:
         while not interrupted and runs[0].step < total:
-            tic = time.perf_counter()
-            stop = min(total, (runs[0].step // eval_every + 1) * eval_every)
+            tic = shown = time.perf_counter()
+            start, stop = runs[0].step, min(total, (runs[0].step // eval_every + 1) * eval_every)
             while not interrupted and runs[0].step < stop:
                 if fast_step is not None:
                     fast_step()
@@ -615,6 +634,9 @@ def train(cfgs: list, device: torch.device) -> None:
                 for run in runs:
                     run.after_step()
                 bar.update(len(runs))
+                if bar.disable and time.perf_counter() - shown >= PROGRESS_EVERY_SECONDS:  # no terminal, no bar
+                    shown = time.perf_counter()
+                    print(progress_line(runs, total, (runs[0].step - start) / max(shown - tic, 1e-9)), flush=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - tic

@@ -66,7 +66,7 @@ dac.main(sys.argv[1:])
 """
 
 # Runs dac.main on a fake clock on which every gradient step takes exactly one second and nothing else takes time,
-# with a plain progress line due after every step (once there are such lines); a real SIGINT arrives right after step `argv[1]` (0: none).
+# with a plain progress line due after every step; a real SIGINT arrives right after step `argv[1]` (0: none).
 ONE_SECOND_STEPS = """
 import os, signal, sys, types
 import dac
@@ -854,6 +854,49 @@ def test_resume_after_interruption_is_exact(base_run, ws, tmp_path):
 def progress_rows(out: Path) -> list:
     with open(out / "progress.csv") as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_plain_progress_lines_when_output_is_not_a_terminal(ws, tmp_path):
+    """Output to a file or pipe (nohup, a cluster job, CI): a plain line every PROGRESS_EVERY_SECONDS (here: every
+    step) with the step, steps/s, the last score and the time left; with a terminal, tqdm's bar instead."""
+    out = tmp_path / "run"
+    proc = cli(["0", *BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env, script=ONE_SECOND_STEPS)
+    assert_ok(proc)
+    pattern = r"step (\d+)/40 \([\d.]+%\), 1\.0 steps/s, last score (.+), about (\d+) s left"
+    lines = [re.fullmatch(pattern, line).groups() for line in proc.stdout.splitlines() if line.startswith("step ")]
+    score = f"{progress_rows(out)[0]['normalized_score']:.1f}"  # of the evaluation at step 20
+    assert lines == [(str(k), "none yet" if k <= 20 else score, str(40 - k)) for k in range(1, 41)]
+
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    terminal, stderr = pty.openpty()  # stderr, where tqdm draws, is a terminal of 24 x 120 characters
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    shown = []
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    proc = cli(["0", *BASE_RUN, "--dataset", ws.hdf5, "--out", tmp_path / "tty"], ws.env, script=ONE_SECOND_STEPS,
+               capture_output=False, stdout=subprocess.PIPE, stderr=stderr)
+    os.close(stderr)
+    reader.join(timeout=30)
+    os.close(terminal)
+    assert proc.returncode == 0, b"".join(shown).decode(errors="replace")[-3000:]
+    assert "40/40" in b"".join(shown).decode(errors="replace")  # the bar
+    assert not [line for line in proc.stdout.splitlines() if line.startswith("step ")]
 
 
 def test_steps_per_sec_is_right_on_the_row_that_spans_a_resume(ws, tmp_path):
