@@ -1110,6 +1110,19 @@ def parse_config(argv: list | None = None) -> tuple:
     return cfg, set(given)
 
 
+CPU_STEPS_PER_SEC = {True: 10.0, False: 5.0}  # fast path / eager, paper sizes, 2 CPU cores (bench/results_cpu.json)
+
+
+def cpu_notice(cfg: Config, device: torch.device, seeds: list) -> None:
+    """--device auto found no GPU: say so, with the expected training time, when that is over an hour."""
+    seconds = cfg.steps * len(seeds) / CPU_STEPS_PER_SEC[cfg.fast]
+    if cfg.device == "auto" and device.type == "cpu" and seconds > 3600:
+        print(f"note: --device auto found no CUDA GPU, so this trains on the CPU: {cfg.steps:,} steps"
+              f"{f' x {len(seeds)} seeds' if len(seeds) > 1 else ''} at about {CPU_STEPS_PER_SEC[cfg.fast]:.0f} "
+              f"steps/s (the paper's sizes on 2 cores) take about {duration(seconds)}. Use a machine with a CUDA "
+              f"GPU, or fewer --steps.", file=sys.stderr)
+
+
 def main(argv: list | None = None) -> None:
     try:
         cfg, given = parse_config(argv)
@@ -1125,6 +1138,7 @@ def main(argv: list | None = None) -> None:
         print("config:", json.dumps({k: v for k, v in dataclasses.asdict(cfgs[0]).items()}, indent=None))
         print(f"device: {device}{' (fast path: CUDA graph)' if cfg.fast and device.type == 'cuda' else ''}; "
               f"seeds {seeds}; outputs in {', '.join(c.out for c in cfgs)}")
+        cpu_notice(cfg, device, seeds)
         train(cfgs, device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

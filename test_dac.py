@@ -963,6 +963,24 @@ def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
 # ======================================================================================================
 # Command line: every user error gives a short specific message, a non-zero exit and no traceback
 # ======================================================================================================
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--device auto would pick the GPU")
+def test_device_auto_on_the_cpu_says_how_long_a_long_run_takes(ws, tmp_path, capsys):
+    """--device auto without a GPU: one 'note:' line with the expected time, for a long run only (2M steps at
+    ~10 steps/s on the fast path, 5 eager); not for a short run, nor when the CPU was asked for."""
+    proc = cli(["--env", "hopper-medium-v2", "--out", tmp_path / "run"], ws.env)  # no data here: stops after it
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "CPU" in notes[0] and "2,000,000 steps" in notes[0], proc.stderr
+    assert "about 2.3 days" in notes[0] and proc.returncode == 2
+    for flags, note in ((["--no-fast"], "about 4.6 days"), (["--seeds", "0", "1"], "x 2 seeds")):
+        cfg, _ = dac.parse_config(flags)
+        dac.cpu_notice(cfg, CPU, cfg.seeds or [cfg.seed])
+        assert note in capsys.readouterr().err
+    for flags in (["--steps", "30000"], ["--device", "cpu"]):
+        cfg, _ = dac.parse_config(flags)
+        dac.cpu_notice(cfg, CPU, [0])
+        assert capsys.readouterr().err == ""
+
+
 def test_unknown_env_lists_valid_names(ws):
     assert_user_error(cli(["--env", "hopper-random-v2"], ws.env), "hopper-random-v2", "hopper-medium-v2",
                       "walker2d-medium-expert-v2", "halfcheetah-medium-replay-v2")
