@@ -41,6 +41,8 @@ import io
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -766,21 +768,31 @@ def load_hdf5(path: str) -> dict:
 
 
 def load_minari(dataset_id: str) -> dict:
-    """Read a Minari dataset (local, else downloaded) into D4RL's flat layout."""
+    """Read a Minari dataset into D4RL's flat layout: from $MINARI_DATASETS_PATH (default ~/.minari/datasets), else
+    downloaded once one request without retries has found it on Minari's server, so that a mistyped id or no network
+    fails at once. A failed lookup leaves behind no folder that it created."""
+    if not re.fullmatch(r"(?:[-\w]+/)*[-\w]+-v\d+", dataset_id):
+        raise FileNotFoundError(f"'{dataset_id}' is neither an existing file nor a Minari id (namespace/name-vN, e.g. "
+                                f"mujoco/hopper/medium-v0)")
     try:
         import minari
     except ImportError:
         raise UserError(f"'{dataset_id}' looks like a Minari id, but minari is not installed: "
                         f"pip install 'minari[hf]'.") from None
+    root = Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+    missing = [p for p in (root, *root.parents) if not p.exists()]  # Minari creates them all, even to fail
     try:
-        ds = minari.load_dataset(dataset_id)
-    except Exception:
-        try:
-            ds = minari.load_dataset(dataset_id, download=True)
-        except Exception as e:
-            raise FileNotFoundError(f"Minari '{dataset_id}' is neither in "
-                                    f"{os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')} nor "
-                                    f"downloadable ({type(e).__name__}: {str(e)[:200]})") from None
+        if not (root / dataset_id / "data").exists():
+            check_minari_server(dataset_id, root)
+        ds = minari.load_dataset(dataset_id, download=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise FileNotFoundError(f"Minari '{dataset_id}' is neither in {root} nor downloadable "
+                                f"({type(e).__name__}: {str(e)[:200]})") from None
+    finally:
+        if missing and missing[-1].exists() and not any(p.is_file() for p in missing[-1].rglob("*")):
+            shutil.rmtree(missing[-1])
     parts = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
     for ep in ds.iterate_episodes():
         parts["observations"].append(ep.observations[:-1])
@@ -792,6 +804,28 @@ def load_minari(dataset_id: str) -> dict:
     if not parts["actions"]:
         raise UserError(f"Minari dataset '{dataset_id}' has no episodes.")
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def check_minari_server(dataset_id: str, root: Path) -> None:
+    """Ask Minari's default server (Hugging Face's farama-minari) once, without retries, whether it has
+    `dataset_id`; raise FileNotFoundError if it has not or cannot be reached. Other servers ($MINARI_REMOTE) are
+    left to Minari."""
+    server = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
+    if not server.startswith("hf://"):
+        return
+    repo, _, path = dataset_id.partition("/")
+    try:
+        from huggingface_hub import HfApi
+
+        found = HfApi().file_exists(f"{server[5:]}/{repo}", "/".join(filter(None, [path, "data/metadata.json"])),
+                                    repo_type="dataset")
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        raise FileNotFoundError(f"Minari '{dataset_id}' is not in {root}, and Minari's server {server} could not be "
+                                f"asked for it ({type(e).__name__}: {reason})") from None
+    if not found:
+        raise FileNotFoundError(f"Minari '{dataset_id}' is neither in {root} nor on Minari's server {server}: check "
+                                f"the id (e.g. mujoco/hopper/medium-v0)")
 
 
 def default_sources(env: str) -> tuple:

@@ -997,6 +997,25 @@ def test_minari_id_not_local_and_not_downloadable(ws, tmp_path):
                       "mujoco/hopper/nothere-v0", "--dataset", "D4RL_DATASET_DIR", "MINARI_DATASETS_PATH")
 
 
+@pytest.mark.parametrize("datasets_path", ["MINARI_DATASETS_PATH", "default (~/.minari/datasets)"])
+def test_unknown_minari_id_fails_at_once_and_leaves_no_folder(ws, tmp_path, datasets_path):
+    """A Minari id that is not local costs one request to the server, without retries (Hugging Face's client used to
+    retry for 24 s when offline: here its server is a closed local port), and the datasets folder, which did not
+    exist, is not left behind."""
+    env = {**{k: v for k, v in ws.env.items() if k not in ("HF_HUB_OFFLINE", "MINARI_DATASETS_PATH")},
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
+    if datasets_path == "MINARI_DATASETS_PATH":
+        env["MINARI_DATASETS_PATH"], made = str(tmp_path / "not_yet" / "datasets"), tmp_path / "not_yet"
+    else:
+        (tmp_path / "home").mkdir()
+        env["HOME"], made = str(tmp_path / "home"), tmp_path / "home" / ".minari"
+    proc = cli(["--dataset", "mujoco/hoper/medium-v0", *TINY, "--out", tmp_path / "run"], env)
+    assert_user_error(proc, "mujoco/hoper/medium-v0", "could not be asked", "MINARI_DATASETS_PATH")
+    assert "Retrying" not in proc.stderr and not made.exists()
+    with pytest.raises(FileNotFoundError, match="neither an existing file nor a Minari id"):
+        dac.load_minari("hopper_medium.hdf")  # a mistyped file name is not sent to the server
+
+
 def test_default_sources_not_found_names_every_place_looked(ws, tmp_path):
     """No --dataset: dac.py looked for D4RL's cache file, then the Minari id; the message must name both."""
     assert_user_error(cli(["--env", "hopper-medium-v2", *TINY, "--out", tmp_path / "run"], ws.env),
