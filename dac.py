@@ -574,7 +574,8 @@ class Run:
                    "steps": self.step, "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env,
                    "seed": self.cfg.seed, "note": score_note(self.cfg)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_curve(self.history, self.out / "curve.png", f"DAC {self.cfg.env} seed {self.cfg.seed}")
+        plot_curve(self.history, self.out / "curve.png",
+                   f"DAC {self.cfg.env} seed {self.cfg.seed}\ndata: {data_names(self.cfg)}")
 
     def save_checkpoint(self) -> None:
         save_checkpoint(self.out / "checkpoint.pt",
@@ -843,6 +844,13 @@ def default_sources(env: str) -> tuple:
                         f"e.g. d4rl's {family}_medium_replay-v2.hdf5), or copy that file to {d4rl_file}.")
     levels = ["medium", "expert"] if level == "medium-expert" else [level]
     return [f"mujoco/{family}/{lv}-v0" for lv in levels], [tried]
+
+
+def data_names(cfg: Config) -> str:
+    """The data a run trains on, by name: its --dataset files (without folders) and Minari ids, or its default ones."""
+    sources = cfg.dataset or default_sources(cfg.env)[0]
+    names = ", ".join(Path(s).name if s.endswith((".hdf5", ".h5")) or os.path.exists(s) else s for s in sources)
+    return names if len(names) <= 80 else names[:77] + "..."
 
 
 def episode_ends(d: dict) -> np.ndarray:

@@ -719,6 +719,23 @@ def test_default_sources(tmp_path, monkeypatch):
     assert dac.default_sources("hopper-medium-expert-v2") == ([str(tmp_path / "hopper_medium_expert-v2.hdf5")], [])
 
 
+def test_curve_title_names_the_data_used(tmp_path, monkeypatch):
+    """curve.png's title names the data: the --dataset files and Minari ids, else the default source found."""
+    titles = []
+    monkeypatch.setattr(dac, "plot_curve", lambda history, path, title: titles.append(title))
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    row = {name: 1.0 for name in dac.PROGRESS_COLUMNS}
+    cases = [([str(tmp_path / "mine.hdf5"), "mujoco/hopper/tiny-v0"], "mine.hdf5, mujoco/hopper/tiny-v0"),
+             ([], "mujoco/hopper/medium-v0"), ([], "hopper_medium-v2.hdf5")]
+    for dataset, names in cases:
+        if names == "hopper_medium-v2.hdf5":
+            (tmp_path / names).touch()  # D4RL's cache file comes first when it exists
+        run = SimpleNamespace(cfg=dac.Config(dataset=dataset), out=tmp_path, history=[row], step=20,
+                              elapsed=lambda: 1.0)
+        dac.Run.write_outputs(run)
+        assert titles[-1] == f"DAC hopper-medium-v2 seed 0\ndata: {names}"
+
+
 # ======================================================================================================
 # Fast path: the compiled step is the same function as the eager one
 # ======================================================================================================
