@@ -45,6 +45,7 @@ import re
 import shutil
 import signal
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1080,10 +1081,10 @@ def config_parser(cls, description: str, epilog: str | None = None) -> argparse.
                                      argparse.HelpFormatter)
     for f in dataclasses.fields(cls):
         meta, default = dict(f.metadata), getattr(cls(), f.name)
-        help = meta.pop("help")
-        if "default" not in help and default not in ("", []):
-            help += f" (default: {default!r})"
-        kwargs = dict(default=argparse.SUPPRESS, help=help)
+        text = meta.pop("help")
+        if "default" not in text and default not in ("", []):
+            text += f" (default: {default!r})"
+        kwargs = dict(default=argparse.SUPPRESS, help=text)
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
@@ -1097,8 +1098,6 @@ def config_parser(cls, description: str, epilog: str | None = None) -> argparse.
 
 def help_epilog() -> str:
     """The end of --help: the presets per dataset family, the valid --env names, a few examples."""
-    import textwrap
-
     flags = lambda preset: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
     families = {}
     for env, preset in PRESETS.items():
