@@ -35,11 +35,16 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import hashlib
+import io
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,9 +68,11 @@ def arg(default, help, **kwargs):
 @dataclass
 class Config:
     # --- task and data
-    env: str = arg("hopper-medium-v2", "D4RL-style dataset name(s); each picks its task, presets and data. Several "
-                                       "names: one run per name and seed, in one launch", nargs="+")
-    dataset: list = arg([], "D4RL-layout hdf5 files and/or Minari ids, concatenated in order (default: from --env)")
+    env: str = arg("hopper-medium-v2", "D4RL-style dataset name(s) (the valid names are listed at the end); each picks "
+                                       "its task, preset and data. Several names: one run per name and seed",
+                   nargs="+")
+    dataset: list = arg([], "D4RL-layout hdf5 files and/or Minari ids, concatenated in order (default: the --env "
+                            "name's data: D4RL's cache file, else Minari)")
     # --- run length, evaluation, output
     steps: int = arg(2_000_000, "gradient steps (the cosine learning-rate decay spans them)")
     stop_at: int = arg(0, "stop after this many gradient steps, keeping the schedule of --steps (0: run all --steps); "
@@ -76,8 +83,10 @@ class Config:
     seeds: list = arg([], "train several seeds at once on one device, each with its own outputs (overrides --seed)",
                       type=int)
     device: str = arg("auto", "where to train", choices=["auto", "cpu", "cuda"])
-    out: str = arg("", "output folder (default runs/<env>/seed<seed>)")
-    resume: bool = arg(False, "continue from <out>/checkpoint.pt with exactly its state")
+    out: str = arg("", "output folder (default: runs/<env>/seed<seed>; with --seeds, runs/<env>, one seed<N> "
+                       "folder in it per seed)")
+    resume: bool = arg(False, "continue the run in --out from its checkpoint, with exactly its state and "
+                              "configuration; flags given again must agree with it")
     eval_only: str = arg("", "evaluate the agent in this checkpoint and exit")
     report: list = arg([], "write report.md and report.png over the runs found in these folders and exit")
     fast: bool = arg(True, "torch.compile the gradient step and acting; on CUDA also replay each as a CUDA graph "
@@ -89,7 +98,8 @@ class Config:
     clip_sample: bool = arg(True, "clip the sampler's x0 estimate to [-1, 1] at every reverse step")
     eta: float = arg(1.0, "initial weight of the behaviour-cloning term (KL constraint strength)")
     eta_lr: float = arg(1e-3, "dual-ascent step size for eta (0 keeps eta fixed)")
-    bc_threshold: float = arg(1.0, "b: eta rises while the noise-regression loss exceeds b, falls below it")
+    bc_threshold: float = arg(1.0, "b: eta rises while the noise-regression loss exceeds b, falls below it "
+                                   "(default: the --env name's preset, listed at the end; 1.0 without one)")
     num_action_samples: int = arg(10, "N_a: actions sampled per state when acting; the best by Q is taken")
     actor_lr: float = arg(3e-4, "actor Adam learning rate (cosine-decayed to 0)")
     actor_ema_tau: float = arg(0.005, "EMA rate of the target actor")
@@ -97,7 +107,8 @@ class Config:
     actor_ema_start: int = arg(1000, "... once the step count exceeds this")
     # --- critic: Q-ensemble with LCB target
     num_qs: int = arg(10, "H: critics in the ensemble")
-    rho: float = arg(1.0, "LCB pessimism: target = mean_h V - rho * std_h V")
+    rho: float = arg(1.0, "LCB pessimism: target = mean_h V - rho * std_h V (default: the --env name's preset, "
+                          "listed at the end; 1.0 without one)")
     q_target: str = arg("lcb", "ensemble target", choices=["lcb", "min"])
     num_next_actions: int = arg(10, "N: next actions drawn from the target actor per next state")
     critic_lr: float = arg(3e-4, "critic Adam learning rate (cosine-decayed to 0)")
@@ -518,6 +529,7 @@ class Run:
         self.batches = EpochBatches(data, cfg.batch_size, cfg.seed) if cfg.batch_order == "epochs" else data
         self.metric_sums = {name: torch.zeros((), device=device) for name in Metrics._fields}
         self.metric_count, self.history, self.wall_seconds = 0, [], 0.0
+        self.train_seconds = 0.0  # training time of the metric_count steps (across a resume): their steps/s
         ckpt_path = self.out / "checkpoint.pt"
         if cfg.resume:
             if not ckpt_path.exists():
@@ -540,6 +552,7 @@ class Run:
         for name, value in ckpt["metric_sums"].items():
             self.metric_sums[name].copy_(value)
         self.metric_count, self.history, self.wall_seconds = ckpt["metric_count"], ckpt["history"], ckpt["wall"]
+        self.train_seconds = ckpt.get("train_seconds", 0.0)  # checkpoints before it was kept lack it
 
     def after_step(self) -> None:
         """Book-keeping on the host after each gradient step."""
@@ -563,7 +576,7 @@ class Run:
     def elapsed(self) -> float:
         return self.wall_seconds + time.perf_counter() - self.started
 
-    def evaluate_and_save(self, envs, train_seconds: float) -> dict:
+    def evaluate_and_save(self, envs) -> dict:
         """Evaluate, append a progress row, rewrite every output file, checkpoint. Returns the row."""
         self.check_finite()
         result = evaluate(self.act, envs, self.cfg.seed * 1_000_003 + self.step, self.agent.step.device,
@@ -574,11 +587,11 @@ class Run:
                "eval_q_mean": result.q_mean, "eval_discounted_return": result.discounted_return,
                "eval_action_at_bound": result.action_at_bound,
                **{name: value.item() / max(self.metric_count, 1) for name, value in self.metric_sums.items()},
-               "steps_per_sec": self.metric_count / max(train_seconds, 1e-9)}
+               "steps_per_sec": self.metric_count / max(self.train_seconds, 1e-9)}
         self.history.append(row)
         for value in self.metric_sums.values():
             value.zero_()
-        self.metric_count = 0
+        self.metric_count, self.train_seconds = 0, 0.0
         self.write_outputs()
         self.save_checkpoint()
         return row
@@ -594,15 +607,35 @@ class Run:
                    "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env, "seed": self.cfg.seed,
                    "data": self.cfg.dataset or default_sources(self.cfg.env)[0], "note": score_note(self.cfg)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_curve(self.history, self.out / "curve.png", f"DAC {self.cfg.env} seed {self.cfg.seed}")
+        plot_curve(self.history, self.out / "curve.png",
+                   f"DAC {self.cfg.env} seed {self.cfg.seed}\ndata: {data_names(self.cfg)}")
 
     def save_checkpoint(self) -> None:
         save_checkpoint(self.out / "checkpoint.pt",
                         {"config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
                          "batches": self.batches.state() if self.cfg.batch_order == "epochs" else {},
                          "metric_sums": {name: value.cpu() for name, value in self.metric_sums.items()},
-                         "metric_count": self.metric_count, "history": self.history, "wall": self.elapsed(),
-                         "reward_scale": self.data.reward_scale})
+                         "metric_count": self.metric_count, "train_seconds": self.train_seconds,
+                         "history": self.history, "wall": self.elapsed(), "reward_scale": self.data.reward_scale})
+
+
+PROGRESS_EVERY_SECONDS = 30.0  # output not a terminal (nohup, a cluster job, CI): a plain progress line this often
+
+
+def duration(seconds: float) -> str:
+    """Roughly, for people: 45 s, 12 min, 3.4 h, 2.3 days."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 172_800 else f"{seconds / 86400:.1f} days"
+
+
+def progress_line(runs: list, total: int, steps_per_sec: float) -> str:
+    """What the progress bar shows, as one plain line: step, steps/s, last score(s), training time left."""
+    step, scores = runs[0].step, [f"{r.history[-1]['normalized_score']:.1f}" for r in runs if r.history]
+    return (f"step {step}/{total} ({100 * step / total:.1f}%), {steps_per_sec:.1f} steps/s, last score "
+            f"{', '.join(scores) or 'none yet'}, about {duration((total - step) / max(steps_per_sec, 1e-9))} left")
 
 
 def train(cfgs: list, device: torch.device) -> None:
@@ -632,8 +665,8 @@ def train(cfgs: list, device: torch.device) -> None:
     bar = tqdm(total=end * len(runs), initial=sum(r.step for r in runs), unit="step", disable=None)
     try:
         while not interrupted and runs[0].step < end:
-            tic = time.perf_counter()
-            stop = min(end, (runs[0].step // eval_every + 1) * eval_every)
+            tic = shown = time.perf_counter()
+            start, stop = runs[0].step, min(end, (runs[0].step // eval_every + 1) * eval_every)
             while not interrupted and runs[0].step < stop:
                 if fast_step is not None:
                     fast_step()
@@ -643,12 +676,17 @@ def train(cfgs: list, device: torch.device) -> None:
                 for run in runs:
                     run.after_step()
                 bar.update(len(runs))
+                if bar.disable and time.perf_counter() - shown >= PROGRESS_EVERY_SECONDS:  # no terminal, no bar
+                    shown = time.perf_counter()
+                    print(progress_line(runs, end, (runs[0].step - start) / max(shown - tic, 1e-9)), flush=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - tic
+            for run in runs:
+                run.train_seconds += seconds
             if runs[0].step % eval_every == 0 or runs[0].step == end:
                 for run in runs:
-                    row = run.evaluate_and_save(envs[run.cfg.env], seconds)
+                    row = run.evaluate_and_save(envs[run.cfg.env])
                     bar.write(f"{run.cfg.env} seed {run.cfg.seed} step {row['step']}: score "
                               f"{row['normalized_score']:.1f} (return {row['return_mean']:.0f}), eta {row['eta']:.3f}, "
                               f"{row['steps_per_sec']:.0f} steps/s")
@@ -799,21 +837,31 @@ def load_hdf5(path: str) -> dict:
 
 
 def load_minari(dataset_id: str) -> dict:
-    """Read a Minari dataset (local, else downloaded) into D4RL's flat layout."""
+    """Read a Minari dataset into D4RL's flat layout: from $MINARI_DATASETS_PATH (default ~/.minari/datasets), else
+    downloaded once one request without retries has found it on Minari's server, so that a mistyped id or no network
+    fails at once. A failed lookup leaves behind no folder that it created."""
+    if not re.fullmatch(r"(?:[-\w]+/)*[-\w]+-v\d+", dataset_id):
+        raise FileNotFoundError(f"'{dataset_id}' is neither an existing file nor a Minari id (namespace/name-vN, e.g. "
+                                f"mujoco/hopper/medium-v0)")
     try:
         import minari
     except ImportError:
         raise UserError(f"'{dataset_id}' looks like a Minari id, but minari is not installed: "
                         f"pip install 'minari[hf]'.") from None
+    root = Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+    missing = [p for p in (root, *root.parents) if not p.exists()]  # Minari creates them all, even to fail
     try:
-        ds = minari.load_dataset(dataset_id)
-    except Exception:
-        try:
-            ds = minari.load_dataset(dataset_id, download=True)
-        except Exception as e:
-            raise FileNotFoundError(f"Minari '{dataset_id}' is neither in "
-                                    f"{os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')} nor "
-                                    f"downloadable ({type(e).__name__}: {str(e)[:200]})") from None
+        if not (root / dataset_id / "data").exists():
+            check_minari_server(dataset_id, root)
+        ds = minari.load_dataset(dataset_id, download=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise FileNotFoundError(f"Minari '{dataset_id}' is neither in {root} nor downloadable "
+                                f"({type(e).__name__}: {str(e)[:200]})") from None
+    finally:
+        if missing and missing[-1].exists() and not any(p.is_file() for p in missing[-1].rglob("*")):
+            shutil.rmtree(missing[-1])
     parts = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
     for ep in ds.iterate_episodes():
         parts["observations"].append(ep.observations[:-1])
@@ -825,6 +873,28 @@ def load_minari(dataset_id: str) -> dict:
     if not parts["actions"]:
         raise UserError(f"Minari dataset '{dataset_id}' has no episodes.")
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def check_minari_server(dataset_id: str, root: Path) -> None:
+    """Ask Minari's default server (Hugging Face's farama-minari) once, without retries, whether it has
+    `dataset_id`; raise FileNotFoundError if it has not or cannot be reached. Other servers ($MINARI_REMOTE) are
+    left to Minari."""
+    server = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
+    if not server.startswith("hf://"):
+        return
+    repo, _, path = dataset_id.partition("/")
+    try:
+        from huggingface_hub import HfApi
+
+        found = HfApi().file_exists(f"{server[5:]}/{repo}", "/".join(filter(None, [path, "data/metadata.json"])),
+                                    repo_type="dataset")
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:120]
+        raise FileNotFoundError(f"Minari '{dataset_id}' is not in {root}, and Minari's server {server} could not be "
+                                f"asked for it ({type(e).__name__}: {reason})") from None
+    if not found:
+        raise FileNotFoundError(f"Minari '{dataset_id}' is neither in {root} nor on Minari's server {server}: check "
+                                f"the id (e.g. mujoco/hopper/medium-v0)")
 
 
 def default_sources(env: str) -> tuple:
@@ -842,6 +912,13 @@ def default_sources(env: str) -> tuple:
                         f"e.g. d4rl's {family}_medium_replay-v2.hdf5), or copy that file to {d4rl_file}.")
     levels = ["medium", "expert"] if level == "medium-expert" else [level]
     return [f"mujoco/{family}/{lv}-v0" for lv in levels], [tried]
+
+
+def data_names(cfg: Config) -> str:
+    """The data a run trains on, by name: its --dataset files (without folders) and Minari ids, or its default ones."""
+    sources = cfg.dataset or default_sources(cfg.env)[0]
+    names = ", ".join(Path(s).name if s.endswith((".hdf5", ".h5")) or os.path.exists(s) else s for s in sources)
+    return names if len(names) <= 80 else names[:77] + "..."
 
 
 def episode_ends(d: dict) -> np.ndarray:
@@ -1051,33 +1128,70 @@ def write_report(records: list, folder: Path) -> Path:
 CHECKPOINT_FORMAT = 3  # 2: hand-written Adam's moments as buffers; 3: torch.optim.Adam's state_dicts
 
 
+def checksum_path(path: Path) -> Path:
+    """Where a checkpoint's SHA-256 is kept: <path>.sha256, in sha256sum's format (`sha256sum -c` checks it)."""
+    return path.with_name(path.name + ".sha256")
+
+
 def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write atomically: a crash while saving leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **ckpt}, tmp)
-    os.replace(tmp, path)
+    """Write the checkpoint and its SHA-256, each atomically: a crash while saving leaves the previous one intact."""
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **ckpt}, buffer)
+    data = buffer.getvalue()
+    checksum = f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode()
+    for target, content in ((path, data), (checksum_path(path), checksum)):
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, target)
 
 
 def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None) -> dict:
-    """Load a checkpoint; with `cfg`, refuse one whose learning-relevant settings differ from it."""
+    """Load a checkpoint that save_checkpoint wrote: its bytes must match the SHA-256 beside it, and it is unpickled
+    with weights_only=True (tensors and plain values only, never code). With `cfg`, refuse one whose
+    learning-relevant settings differ from it."""
+    sums = checksum_path(path)
+    trust = (f"if you trust the file as it is, record its checksum (cd {path.parent} && sha256sum {path.name} > "
+             f"{sums.name}) and run again")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        data = path.read_bytes()
+        expected = sums.read_text().split()[:1] if sums.exists() else None
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path} ({e.strerror or type(e).__name__}). Expected the "
+                        f"checkpoint.pt of a dac.py run.") from None
+    if expected is not None and expected != [hashlib.sha256(data).hexdigest()]:
+        raise UserError(f"cannot read checkpoint {path}: its SHA-256 differs from the one recorded in {sums.name} "
+                        f"when dac.py wrote it, so it was damaged or changed since. Use an intact copy, or start a "
+                        f"new run in another --out; {trust}.")
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
         saved = ckpt["config"]
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}). Expected a checkpoint.pt "
-                        f"written by dac.py.") from None
+    except Exception as e:  # PyTorch's own message is several lines and suggests weights_only=False: not shown
+        raise UserError(f"cannot read checkpoint {path}: it is not a checkpoint written by dac.py (PyTorch's "
+                        f"weights-only loader, which accepts tensors and plain values only, failed with "
+                        f"{type(e).__name__}). Point --out or --eval-only at a dac.py checkpoint.") from None
     fmt = ckpt.get("format", 1)  # checkpoints before format 2 had no number
     if fmt != CHECKPOINT_FORMAT:
         raise UserError(f"checkpoint {path} has format {fmt}, written by another version of "
                         f"dac.py; this one reads format {CHECKPOINT_FORMAT}. Resume or evaluate it with the dac.py "
                         f"that wrote it, or start a new run in another --out.")
+    if expected is None:
+        raise UserError(f"checkpoint {path} has no {sums.name} beside it (dac.py writes one with every checkpoint, "
+                        f"to detect damage), so it cannot be checked. Copy that file along with the checkpoint; "
+                        f"{trust}.")
     if cfg is not None:
-        differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(cfg).items()
-                  if k not in RUN_ONLY_FIELDS and saved.get(k) != v]
-        if differ:
-            raise UserError(f"checkpoint {path} comes from another configuration ({'; '.join(differ)}). Resume "
-                            f"with the same flags as the original run, or start a new run in another --out.")
+        refuse_other_configuration(path, saved, dataclasses.asdict(cfg))
     return ckpt
+
+
+def refuse_other_configuration(path: Path, saved: dict, now: dict) -> None:
+    """Refuse to continue the checkpoint at `path` (configuration `saved`) with settings `now` that change what is
+    learned; run-only fields may differ."""
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+              if k not in RUN_ONLY_FIELDS and saved.get(k) != v]
+    if differ:
+        raise UserError(f"checkpoint {path} comes from another configuration ({'; '.join(differ)}). Resume with "
+                        f"--resume --out FOLDER alone (the run's own configuration is used) or with flags that agree "
+                        f"with it, or start a new run in another --out.")
 
 
 def check_config(cfg: Config) -> None:
@@ -1132,36 +1246,103 @@ def eval_only(cfg: Config, given: set, device: torch.device) -> None:
     print(json.dumps(result, indent=2))
 
 
-def config_parser(cls, description: str) -> argparse.ArgumentParser:
-    """One flag per field of a config dataclass (Config, or toy_bandit's), with the field's help and default.
-    Flags not given stay out of the parsed namespace, so presets can sit between defaults and flags."""
-    parser = argparse.ArgumentParser(description=description)
+def integer(text: str) -> int:
+    """argparse type of the integer flags: a whole number, also written as a float (--steps 1e6)."""
+    with contextlib.suppress(ValueError):
+        return int(text)
+    with contextlib.suppress(ValueError):
+        if float(text).is_integer():
+            return int(float(text))
+    raise argparse.ArgumentTypeError(f"expected a whole number such as 2000000 or 2e6, got {text!r}")
+
+
+def config_parser(cls, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """One flag per field of a config dataclass (Config, or toy_bandit's), with the field's help and its default
+    (unless the help names it, or it is empty). Flags not given stay out of the parsed namespace, so presets can sit
+    between defaults and flags. `epilog` is shown as written."""
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter if epilog else
+                                     argparse.HelpFormatter)
     for f in dataclasses.fields(cls):
         meta, default = dict(f.metadata), getattr(cls(), f.name)
-        kwargs = dict(default=argparse.SUPPRESS, help=f"{meta.pop('help')} (default: {default!r})")
+        text = meta.pop("help")
+        if "default" not in text and default not in ("", []):
+            text += f" (default: {default!r})"
+        kwargs = dict(default=argparse.SUPPRESS, help=text)
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
-            kwargs.update(nargs="+", type=meta.pop("type", str), **meta)
+            item = meta.pop("type", str)
+            kwargs.update(nargs="+", type=integer if item is int else item, **meta)
         else:
-            kwargs.update(type=type(default), **meta)
+            kwargs.update(type=integer if type(default) is int else type(default), **meta)
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return parser
 
 
+def help_epilog() -> str:
+    """The end of --help: the presets per dataset family, the valid --env names, a few examples."""
+    flags = lambda preset: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
+    families = {}
+    for env, preset in PRESETS.items():
+        families.setdefault(family_of(env), {})[env[len(family_of(env)) + 1:-3]] = preset
+    lines = ["presets, set by the --env name (a flag given overrides them):"]
+    for family, levels in families.items():
+        usual = max(levels.values(), key=list(levels.values()).count)
+        lines.append(f"  {family + '-*':<16}{flags(usual)}" + "".join(
+            f";  {level}: {flags({k: v for k, v in preset.items() if usual.get(k) != v})}"
+            for level, preset in levels.items() if preset != usual))
+    unset = [env for env in ENV_NAMES if env not in PRESETS]
+    if unset:
+        lines.append(f"  no preset (the defaults): {', '.join(unset)}")
+    names = textwrap.fill(", ".join(ENV_NAMES), 100, initial_indent="  ", subsequent_indent="  ",
+                          break_on_hyphens=False)
+    return "\n".join([*lines, "", "valid --env names:", names, "", "examples:",
+                      "  python dac.py --env hopper-medium-v2 --dataset hopper_medium-v2.hdf5",
+                      "  python dac.py --env hopper-medium-expert-v2 --dataset hopper_medium.hdf5 hopper_expert.hdf5",
+                      "  python dac.py --env walker2d-medium-v2 --seeds 0 1 2 3 --steps 1e6",
+                      "  python dac.py --resume --out runs/hopper-medium-v2/seed0   # after Ctrl-C: the run's own "
+                      "configuration",
+                      "  python dac.py --eval-only runs/hopper-medium-v2/seed0/checkpoint.pt"])
+
+
+def resumed_config(given: dict) -> dict:
+    """The configuration --resume continues, read from the run's checkpoint: in --out, else in the default folder
+    (runs/<env>/seed<seed>); for --seeds, or an --out that holds seed<N> folders, that of the first seed. Flags given
+    must agree with it, except run-only ones."""
+    seeds, out = given.get("seeds") or [], given.get("out", "")
+    if not seeds and out and not (Path(out) / "checkpoint.pt").exists():  # an --out of a --seeds run
+        seeds = sorted(int(p.parent.name[4:]) for p in Path(out).glob("seed*/checkpoint.pt")
+                       if p.parent.name[4:].isdigit())
+    seed, base = (seeds or [given.get("seed", Config.seed)])[0], out or f"runs/{given.get('env', Config.env)}"
+    path = Path(out if out and not seeds else f"{base}/seed{seed}") / "checkpoint.pt"
+    if not path.exists():
+        raise UserError(f"--resume: there is no checkpoint at {path}. Start without --resume, or point --out at the "
+                        f"folder of the run to continue.")
+    saved = load_checkpoint(path, torch.device("cpu"))["config"]
+    refuse_other_configuration(path, saved, {k: v for k, v in given.items() if not (seeds and k == "seed")})
+    fields = {f.name for f in dataclasses.fields(Config)} - {"out", "resume", "seeds", "eval_only"}
+    return {**{k: v for k, v in saved.items() if k in fields}, "seeds": seeds}
+
+
 def parse_config(argv: list | None = None) -> tuple:
-    """Command line generated from Config: presets for each --env name first, then every flag given overrides them.
-    Returns (one config per --env name, names of the flags given)."""
-    given = vars(config_parser(Config, __doc__.split("\n\n")[0]).parse_args(argv))
-    envs = given.get("env", [Config.env])
+    """Command line generated from Config: presets for each --env name first (with --resume of one dataset, the run's
+    own configuration), then every flag given overrides them. Returns (one config per --env name, names of the
+    flags given)."""
+    given = vars(config_parser(Config, __doc__.split("\n\n")[0], help_epilog()).parse_args(argv))
+    names = set(given)
+    envs = list(dict.fromkeys(given.pop("env", [Config.env])))
     if len(envs) > 1 and given.get("dataset"):
         raise UserError(f"--dataset names the data of one --env, but {len(envs)} were given ({' '.join(envs)}). "
                         f"Launch each dataset with its own --dataset, or drop --dataset to use each name's default "
                         f"sources.")
-    cfgs = [Config(**{**PRESETS.get(env, {}), **given, "env": env}) for env in dict.fromkeys(envs)]
+    if given.get("resume") and len(envs) == 1:
+        cfgs = [Config(**{**resumed_config({**given, "env": envs[0]} if "env" in names else given), **given})]
+    else:
+        cfgs = [Config(**{**PRESETS.get(env, {}), **given, "env": env}) for env in envs]
     for cfg in cfgs:
         check_config(cfg)
-    return cfgs, set(given)
+    return cfgs, names
 
 
 def plan_runs(cfgs: list) -> tuple:
@@ -1191,6 +1372,19 @@ def distributed_launch() -> tuple:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
+CPU_STEPS_PER_SEC = {True: 10.0, False: 5.0}  # fast path / eager, paper sizes, 2 CPU cores (bench/results_cpu.json)
+
+
+def cpu_notice(cfg: Config, device: torch.device, seeds: list) -> None:
+    """--device auto found no GPU: say so, with the expected training time, when that is over an hour."""
+    seconds = cfg.steps * len(seeds) / CPU_STEPS_PER_SEC[cfg.fast]
+    if cfg.device == "auto" and device.type == "cpu" and seconds > 3600:
+        print(f"note: --device auto found no CUDA GPU, so this trains on the CPU: {cfg.steps:,} steps"
+              f"{f' x {len(seeds)} seeds' if len(seeds) > 1 else ''} at about {CPU_STEPS_PER_SEC[cfg.fast]:.0f} "
+              f"steps/s (the paper's sizes on 2 cores) take about {duration(seconds)}. Use a machine with a CUDA "
+              f"GPU, or fewer --steps.", file=sys.stderr)
+
+
 def main(argv: list | None = None) -> None:
     try:
         cfgs, given = parse_config(argv)
@@ -1210,6 +1404,7 @@ def main(argv: list | None = None) -> None:
               f"{' (fast path: CUDA graph)' if cfgs[0].fast and device.type == 'cuda' else ''}; "
               f"{len(mine)} run(s), outputs in {', '.join(c.out for c in mine) or '-'}")
         if mine:
+            cpu_notice(mine[0], device, [c.seed for c in mine])
             train(mine, device)
         results = [run_record(Path(c.out)) for c in mine]
         if world > 1:

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
+import hashlib
 import json
 import math
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +65,23 @@ dac.Run.after_step = interrupting_step
 dac.main(sys.argv[1:])
 """
 
+# Runs dac.main on a fake clock on which every gradient step takes exactly one second and nothing else takes time,
+# with a plain progress line due after every step; a real SIGINT arrives right after step `argv[1]` (0: none).
+ONE_SECOND_STEPS = """
+import os, signal, sys, types
+import dac
+stop_at, clock = int(sys.argv.pop(1)), [0.0]
+dac.time = types.SimpleNamespace(perf_counter=lambda: clock[0])
+dac.PROGRESS_EVERY_SECONDS = 0
+after_step = dac.Run.after_step
+def one_second_step(self):
+    after_step(self)
+    clock[0] += 1.0
+    if self.step == stop_at:
+        os.kill(os.getpid(), signal.SIGINT)
+dac.Run.after_step = one_second_step
+dac.main(sys.argv[1:])
+"""
 
 # ======================================================================================================
 # Helpers: tiny datasets, the CLI, checks
@@ -110,11 +130,12 @@ def write_minari(root: Path, dataset_id: str, lengths=(30, 35, 40), obs_dim=S, a
     return sum(lengths)
 
 
-def cli(args: list, env: dict, script: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python dac.py ARGS` (or `python -c SCRIPT ARGS`) in the repository, output captured."""
+def cli(args: list, env: dict, script: str | None = None, timeout: int = 300, cwd: Path = REPO,
+        **kwargs) -> subprocess.CompletedProcess:
+    """`python dac.py ARGS` (or `python -c SCRIPT ARGS`) in the repository (or `cwd`), output captured."""
     head = [sys.executable, "-c", script] if script else [sys.executable, str(REPO / "dac.py")]
-    return subprocess.run([*head, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([*head, *map(str, args)], cwd=cwd, env=env, text=True, timeout=timeout,
+                          **{"capture_output": True, **kwargs})
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str, rc: int = 2) -> str:
@@ -153,7 +174,7 @@ def assert_same(a, b, where="checkpoint"):
 
 
 def load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def tiny_agent(**overrides) -> dac.DAC:
@@ -592,6 +613,40 @@ def test_defaults_are_the_papers_and_presets_apply_before_flags():
     assert (cfg.rho, cfg.bc_threshold) == (2.0, 0.05) and given == {"env", "rho"}
 
 
+def test_help_one_default_per_flag_presets_env_names_and_examples(capsys):
+    """--help shows each flag's default once, the presets per dataset family (which --rho and --bc-threshold say
+    set them), every valid --env name and a few examples."""
+    with pytest.raises(SystemExit) as exit_:
+        dac.parse_config(["--help"])
+    assert exit_.value.code == 0
+    options, epilog = capsys.readouterr().out.split("\noptions:\n")[1].split("\n\n", 1)
+    flags = {block.split()[0].rstrip(","): " ".join(block.split()) for block in re.split(r"\n(?=  -)", options)}
+    assert len(flags) == 1 + len(dataclasses.fields(dac.Config))
+    for flag, text in flags.items():
+        assert text.count("default") <= 1, text
+    for flag in ("--dataset", "--out", "--steps", "--rho", "--bc-threshold", "--env", "--resume"):
+        assert flags[flag].count("default") == 1, flags[flag]
+    assert "preset" in flags["--rho"] and "preset" in flags["--bc-threshold"] and "listed" in flags["--env"]
+    table = {line.split()[0]: " ".join(line.split()[1:]) for line in epilog.split("\n\n")[0].splitlines()[1:]}
+    assert table["hopper-*"] == "--rho 1.5 --bc-threshold 1.0; medium-expert: --bc-threshold 0.05"
+    assert table["walker2d-*"] == "--rho 1.0 --bc-threshold 1.0"
+    assert table["halfcheetah-*"] == "--rho 0.0 --bc-threshold 1.0; medium-expert: --bc-threshold 0.1"
+    names = epilog.split("valid --env names:\n")[1].split("\n\n")[0].replace(",", " ").split()
+    assert names == dac.ENV_NAMES
+    assert "examples:" in epilog and "--steps 1e6" in epilog and "--resume --out" in epilog
+
+
+def test_integer_flags_take_whole_numbers_written_as_floats(capsys):
+    [cfg], _ = dac.parse_config(["--steps", "1e6", "--eval-every", "2E4", "--seeds", "0", "3.0", "--T", "5"])
+    assert (cfg.steps, cfg.eval_every, cfg.seeds, cfg.T) == (1_000_000, 20_000, [0, 3], 5)
+    assert all(type(v) is int for v in (cfg.steps, cfg.eval_every, *cfg.seeds, cfg.T))
+    for bad in ("1.5", "2e-1", "inf", "abc"):
+        with pytest.raises(SystemExit) as exit_:
+            dac.parse_config(["--steps", bad])
+        proc = SimpleNamespace(returncode=exit_.value.code, stdout="", stderr=capsys.readouterr().err)
+        assert_user_error(proc, "--steps", "whole number", repr(bad))
+
+
 def test_normalized_score_uses_d4rl_constants():
     np.testing.assert_allclose(dac.normalized_score("hopper-medium-v2", [HOPPER_EXPERT, HOPPER_RANDOM]), [100, 0])
     np.testing.assert_allclose(dac.normalized_score("halfcheetah-medium-v2", [12135.0, -280.178953]), [100, 0])
@@ -664,6 +719,23 @@ def test_default_sources(tmp_path, monkeypatch):
     assert dac.default_sources("hopper-medium-expert-v2") == ([str(tmp_path / "hopper_medium_expert-v2.hdf5")], [])
 
 
+def test_curve_title_names_the_data_used(tmp_path, monkeypatch):
+    """curve.png's title names the data: the --dataset files and Minari ids, else the default source found."""
+    titles = []
+    monkeypatch.setattr(dac, "plot_curve", lambda history, path, title: titles.append(title))
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
+    row = {name: 1.0 for name in dac.PROGRESS_COLUMNS}
+    cases = [([str(tmp_path / "mine.hdf5"), "mujoco/hopper/tiny-v0"], "mine.hdf5, mujoco/hopper/tiny-v0"),
+             ([], "mujoco/hopper/medium-v0"), ([], "hopper_medium-v2.hdf5")]
+    for dataset, names in cases:
+        if names == "hopper_medium-v2.hdf5":
+            (tmp_path / names).touch()  # D4RL's cache file comes first when it exists
+        run = SimpleNamespace(cfg=dac.Config(dataset=dataset), out=tmp_path, history=[row], step=20,
+                              elapsed=lambda: 1.0)
+        dac.Run.write_outputs(run)
+        assert titles[-1] == f"DAC hopper-medium-v2 seed 0\ndata: {names}"
+
+
 # ======================================================================================================
 # Fast path: the compiled step is the same function as the eager one
 # ======================================================================================================
@@ -718,6 +790,9 @@ def check_outputs(out: Path, steps: int, eval_every: int, hidden_dim: int) -> li
     assert isinstance(summary["wall_seconds"], (int, float)) and summary["wall_seconds"] > 0
     ckpt = load_ckpt(out / "checkpoint.pt")
     assert int(ckpt["agent"]["nets"]["step"]) == steps
+    checksum = (out / "checkpoint.pt.sha256").read_text().split()[0]
+    assert checksum == hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest()
+    assert not list(out.glob("*.tmp"))
     assert ckpt["agent"]["nets"]["critic.net.0.weight"].shape == (3, S + A, hidden_dim)  # (H, in, out)
     return rows
 
@@ -767,15 +842,16 @@ def test_ctrl_c_that_breaks_a_compile_keeps_the_last_checkpoint(ws, tmp_path):
 
 
 def test_resume_after_interruption_is_exact(base_run, ws, tmp_path):
-    """Ctrl-C after step 27 (mid evaluation window), then --resume: the final checkpoint equals the
-    uninterrupted run's tensor for tensor (networks, optimisers, eta, step, RNG, metric sums, history)."""
+    """Ctrl-C after step 27 (mid evaluation window), then `--resume --out DIR` alone (the run's configuration comes
+    from its checkpoint): the final checkpoint equals the uninterrupted run's tensor for tensor (networks,
+    optimisers, eta, step, RNG, metric sums, history)."""
     out = tmp_path / "run"
     args = [*BASE_RUN, "--dataset", ws.hdf5, "--out", out]
     first = cli(["27", *args], ws.env, script=INTERRUPT_AFTER_STEP)
     assert first.returncode == 130 and "Traceback" not in first.stderr, first.stderr[-3000:]
     assert "--resume" in first.stdout
     assert int(load_ckpt(out / "checkpoint.pt")["agent"]["nets"]["step"]) == 27
-    second = cli([*args, "--resume"], ws.env)
+    second = cli(["--resume", "--out", out], ws.env)
     assert_ok(second)
 
     ref, got = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
@@ -790,6 +866,64 @@ def test_resume_after_interruption_is_exact(base_run, ws, tmp_path):
     ref_summary, summary = (json.loads((o / "summary.json").read_text()) for o in (base_run.out, out))
     ref_summary.pop("wall_seconds"), summary.pop("wall_seconds")
     assert summary == ref_summary
+
+
+def progress_rows(out: Path) -> list:
+    with open(out / "progress.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_plain_progress_lines_when_output_is_not_a_terminal(ws, tmp_path):
+    """Output to a file or pipe (nohup, a cluster job, CI): a plain line every PROGRESS_EVERY_SECONDS (here: every
+    step) with the step, steps/s, the last score and the time left; with a terminal, tqdm's bar instead."""
+    out = tmp_path / "run"
+    proc = cli(["0", *BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env, script=ONE_SECOND_STEPS)
+    assert_ok(proc)
+    pattern = r"step (\d+)/40 \([\d.]+%\), 1\.0 steps/s, last score (.+), about (\d+) s left"
+    lines = [re.fullmatch(pattern, line).groups() for line in proc.stdout.splitlines() if line.startswith("step ")]
+    score = f"{progress_rows(out)[0]['normalized_score']:.1f}"  # of the evaluation at step 20
+    assert lines == [(str(k), "none yet" if k <= 20 else score, str(40 - k)) for k in range(1, 41)]
+
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    terminal, stderr = pty.openpty()  # stderr, where tqdm draws, is a terminal of 24 x 120 characters
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    shown = []
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    proc = cli(["0", *BASE_RUN, "--dataset", ws.hdf5, "--out", tmp_path / "tty"], ws.env, script=ONE_SECOND_STEPS,
+               capture_output=False, stdout=subprocess.PIPE, stderr=stderr)
+    os.close(stderr)
+    reader.join(timeout=30)
+    os.close(terminal)
+    assert proc.returncode == 0, b"".join(shown).decode(errors="replace")[-3000:]
+    assert "40/40" in b"".join(shown).decode(errors="replace")  # the bar
+    assert not [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+
+
+def test_steps_per_sec_is_right_on_the_row_that_spans_a_resume(ws, tmp_path):
+    """Ctrl-C after step 27, then --resume: the step-40 row's steps/s counts the 7 steps and seconds before the
+    interruption as well as the 13 after it (each step takes one second here)."""
+    out = tmp_path / "run"
+    first = cli(["27", *BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env, script=ONE_SECOND_STEPS)
+    assert first.returncode == 130, first.stderr[-3000:]
+    assert_ok(cli(["0", "--resume", "--out", out], ws.env, script=ONE_SECOND_STEPS))
+    assert [(r["step"], r["steps_per_sec"]) for r in progress_rows(out)] == [(20, 1.0), (40, 1.0)]
 
 
 def test_seeds_trained_together_match_seeds_trained_alone(base_run, ws, tmp_path):
@@ -814,6 +948,8 @@ def test_resuming_seeds_at_different_steps_together_is_refused(base_run, ws, tmp
     before = (group / "seed1" / "checkpoint.pt").read_bytes()
     proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", group, "--seeds", "0", "1", "--resume"], ws.env)
     assert_user_error(proc, "seed 0: 40", "seed 1: 27", "--seed N --resume")
+    for alone in (["--seeds", "0", "1"], []):  # the configuration, and with --out alone the seeds, from the folder
+        assert_user_error(cli(["--resume", "--out", group, *alone], ws.env), "seed 0: 40", "seed 1: 27")
     assert (group / "seed1" / "checkpoint.pt").read_bytes() == before
 
 
@@ -844,6 +980,24 @@ def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
 # ======================================================================================================
 # Command line: every user error gives a short specific message, a non-zero exit and no traceback
 # ======================================================================================================
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--device auto would pick the GPU")
+def test_device_auto_on_the_cpu_says_how_long_a_long_run_takes(ws, tmp_path, capsys):
+    """--device auto without a GPU: one 'note:' line with the expected time, for a long run only (2M steps at
+    ~10 steps/s on the fast path, 5 eager); not for a short run, nor when the CPU was asked for."""
+    proc = cli(["--env", "hopper-medium-v2", "--out", tmp_path / "run"], ws.env)  # no data here: stops after it
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "CPU" in notes[0] and "2,000,000 steps" in notes[0], proc.stderr
+    assert "about 2.3 days" in notes[0] and proc.returncode == 2
+    for flags, note in ((["--no-fast"], "about 4.6 days"), (["--seeds", "0", "1"], "x 2 seeds")):
+        [cfg], _ = dac.parse_config(flags)
+        dac.cpu_notice(cfg, CPU, cfg.seeds or [cfg.seed])
+        assert note in capsys.readouterr().err
+    for flags in (["--steps", "30000"], ["--device", "cpu"]):
+        [cfg], _ = dac.parse_config(flags)
+        dac.cpu_notice(cfg, CPU, [0])
+        assert capsys.readouterr().err == ""
+
+
 def test_unknown_env_lists_valid_names(ws):
     assert_user_error(cli(["--env", "hopper-random-v2"], ws.env), "hopper-random-v2", "hopper-medium-v2",
                       "walker2d-medium-expert-v2", "halfcheetah-medium-replay-v2")
@@ -858,6 +1012,25 @@ def test_missing_file_lists_sources_and_ways_to_provide_data(ws, tmp_path):
 def test_minari_id_not_local_and_not_downloadable(ws, tmp_path):
     assert_user_error(cli(["--dataset", "mujoco/hopper/nothere-v0", *TINY, "--out", tmp_path / "run"], ws.env),
                       "mujoco/hopper/nothere-v0", "--dataset", "D4RL_DATASET_DIR", "MINARI_DATASETS_PATH")
+
+
+@pytest.mark.parametrize("datasets_path", ["MINARI_DATASETS_PATH", "default (~/.minari/datasets)"])
+def test_unknown_minari_id_fails_at_once_and_leaves_no_folder(ws, tmp_path, datasets_path):
+    """A Minari id that is not local costs one request to the server, without retries (Hugging Face's client used to
+    retry for 24 s when offline: here its server is a closed local port), and the datasets folder, which did not
+    exist, is not left behind."""
+    env = {**{k: v for k, v in ws.env.items() if k not in ("HF_HUB_OFFLINE", "MINARI_DATASETS_PATH")},
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
+    if datasets_path == "MINARI_DATASETS_PATH":
+        env["MINARI_DATASETS_PATH"], made = str(tmp_path / "not_yet" / "datasets"), tmp_path / "not_yet"
+    else:
+        (tmp_path / "home").mkdir()
+        env["HOME"], made = str(tmp_path / "home"), tmp_path / "home" / ".minari"
+    proc = cli(["--dataset", "mujoco/hoper/medium-v0", *TINY, "--out", tmp_path / "run"], env)
+    assert_user_error(proc, "mujoco/hoper/medium-v0", "could not be asked", "MINARI_DATASETS_PATH")
+    assert "Retrying" not in proc.stderr and not made.exists()
+    with pytest.raises(FileNotFoundError, match="neither an existing file nor a Minari id"):
+        dac.load_minari("hopper_medium.hdf")  # a mistyped file name is not sent to the server
 
 
 def test_default_sources_not_found_names_every_place_looked(ws, tmp_path):
@@ -961,10 +1134,25 @@ def run_copy(base_run, tmp_path):
 
 
 def test_resume_refuses_checkpoint_from_another_configuration(ws, run_copy):
+    """Flags given with --resume must agree with the run's configuration; the refusal lists those that differ, before
+    any data is loaded. Run-only flags (--eval-episodes, --device, ...) may differ."""
     before = (run_copy / "checkpoint.pt").read_bytes()
     args = [*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume", "--hidden-dim", "64"]
     assert_user_error(cli(args, ws.env), "another configuration", "hidden_dim")
+    proc = cli(["--resume", "--out", run_copy, "--rho", "2", "--steps", "4e1", "--eval-episodes", "1"], ws.env)
+    message = assert_user_error(proc, "another configuration", "rho: checkpoint 1.5, now 2.0")
+    assert "steps" not in message and "eval_episodes" not in message and "data:" not in proc.stdout
     assert (run_copy / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_alone_in_the_default_folder(ws, base_run, tmp_path):
+    """`--resume --env E` continues runs/E/seed0 with its own configuration (here a finished run: nothing to do)."""
+    shutil.copytree(base_run.out, tmp_path / "runs/hopper-medium-v2/seed0")
+    proc = cli(["--resume", "--env", "hopper-medium-v2"], ws.env, cwd=tmp_path)
+    assert_ok(proc)
+    config = json.loads(proc.stdout.split("config:", 1)[1].splitlines()[0])
+    assert (config["steps"], config["hidden_dim"], config["fast"]) == (40, 32, False)
+    assert "seed 0: done, outputs in runs/hopper-medium-v2/seed0" in proc.stdout
 
 
 def test_existing_checkpoint_is_not_overwritten_without_resume(ws, run_copy):
@@ -979,18 +1167,85 @@ def test_resume_without_checkpoint(ws, tmp_path):
                       "no checkpoint", "--resume")
 
 
-def test_unreadable_checkpoint(ws, run_copy):
+def assert_one_line(proc: subprocess.CompletedProcess) -> None:
+    """Nothing on stderr but the one error line (no PyTorch message after it)."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("checksum", ["kept", "removed"])
+def test_unreadable_checkpoint(ws, run_copy, checksum):
+    """Garbage in checkpoint.pt, with the run's checksum file beside it (it no longer matches) or without one (a
+    file from elsewhere: PyTorch's weights-only loader refuses it): one line, exit 2, for --resume and --eval-only."""
     (run_copy / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    assert_user_error(cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume"], ws.env),
-                      "cannot read checkpoint")
-    assert_user_error(cli(["--eval-only", run_copy / "checkpoint.pt", "--no-fast"], ws.env), "cannot read checkpoint")
+    if checksum == "removed":
+        (run_copy / "checkpoint.pt.sha256").unlink()
+    needle = "SHA-256" if checksum == "kept" else "not a checkpoint written by dac.py"
+    for args in ([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume"],
+                 ["--eval-only", run_copy / "checkpoint.pt", "--no-fast"]):
+        proc = cli(args, ws.env)
+        assert_user_error(proc, "cannot read checkpoint", needle)
+        assert_one_line(proc)
+
+
+def test_checkpoint_with_flipped_bytes_is_refused(ws, run_copy):
+    """4 KB of flipped bytes inside a real checkpoint (which PyTorch alone would load, with 1,025 weights changed):
+    refused in one line by the SHA-256 check, for --resume and --eval-only, and the file is left as it is."""
+    path = run_copy / "checkpoint.pt"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = bytes(b ^ 0xFF for b in data[middle:middle + 4096])
+    path.write_bytes(data)
+    for args in ([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume"],
+                 ["--eval-only", path, "--no-fast"]):
+        proc = cli(args, ws.env)
+        assert_user_error(proc, "cannot read checkpoint", "SHA-256", "damaged or changed", "sha256sum")
+        assert_one_line(proc)
+    assert path.read_bytes() == data
+
+
+def test_checkpoint_without_checksum_is_refused_until_one_is_recorded(ws, run_copy, tmp_path):
+    """A checkpoint copied without its .sha256 cannot be checked: refused, saying how to record the sum; once
+    recorded in sha256sum's format, it loads."""
+    path, sums = run_copy / "checkpoint.pt", run_copy / "checkpoint.pt.sha256"
+    recorded = sums.read_text()
+    assert recorded == f"{hashlib.sha256(path.read_bytes()).hexdigest()}  checkpoint.pt\n"  # sha256sum's format
+    sums.unlink()
+    with pytest.raises(dac.UserError, match="no checkpoint.pt.sha256 beside it.*sha256sum checkpoint.pt"):
+        dac.load_checkpoint(path, CPU)
+    sums.write_text(recorded)
+    assert int(dac.load_checkpoint(path, CPU)["agent"]["nets"]["step"]) == 40
+
+
+def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    """A pickle that calls os.mkdir when unpickled, with a matching checksum (a hash shows damage, not intent):
+    the weights-only loader refuses it and the call never runs."""
+    marker = tmp_path / "code_ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    path = tmp_path / "checkpoint.pt"
+    dac.save_checkpoint(path, {"config": {}, "agent": RunsCode()})
+    with pytest.raises(dac.UserError, match="not a checkpoint written by dac.py"):
+        dac.load_checkpoint(path, CPU)
+    assert not marker.exists()
+
+
+def test_every_checkpoint_load_is_weights_only():
+    """Every torch.load in the project's programs unpickles with weights_only=True."""
+    for program in [REPO / "dac.py", REPO / "toy_bandit.py", *sorted((REPO / "bench").glob("*.py"))]:
+        for call in re.findall(r"torch\.load\((.*)", program.read_text()):
+            assert "weights_only=True" in call, f"{program.name}: torch.load({call}"
 
 
 def test_checkpoint_of_another_format_is_refused(ws, run_copy):
     path = run_copy / "checkpoint.pt"
     ckpt = load_ckpt(path)
-    del ckpt["format"]  # as written before formats were numbered
+    del ckpt["format"]  # as written before formats were numbered, and before checksums
     torch.save(ckpt, path)
+    (run_copy / "checkpoint.pt.sha256").unlink()
     before = path.read_bytes()
     assert_user_error(cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy, "--resume"], ws.env), "format 1",
                       "reads format 3")
