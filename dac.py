@@ -97,6 +97,8 @@ class Config:
     rho: float = arg(1.0, "LCB pessimism: target = mean_h V - rho * std_h V")
     q_target: str = arg("lcb", "ensemble target", choices=["lcb", "min"])
     num_next_actions: int = arg(10, "N: next actions drawn from the target actor per next state")
+    next_action_max: bool = arg(False, "V(s') per critic: the max of its Q over the N next actions instead of their "
+                                       "mean (the official code's maxQ, its AntMaze setting)")
     critic_lr: float = arg(3e-4, "critic Adam learning rate (cosine-decayed to 0)")
     tau: float = arg(0.005, "Polyak rate of the target critics")
     gamma: float = arg(0.99, "discount")
@@ -389,11 +391,13 @@ class DAC(nn.Module):
 
     @torch.no_grad()
     def critic_target(self, batch: Batch) -> torch.Tensor:
-        """y = r + gamma (1 - terminal) LCB_h(mean_n Q'_h(s', a'_n)), a'_n ~ the target actor (N per state). (B,)"""
+        """y = r + gamma (1 - terminal) LCB_h(mean_n Q'_h(s', a'_n)), a'_n ~ the target actor (N per state); with
+        next_action_max, max_n in place of mean_n (the official code's AntMaze backup). (B,)"""
         B, N, H = batch.obs.shape[0], self.cfg.num_next_actions, self.cfg.num_qs
         s2 = batch.next_obs.repeat_interleave(N, dim=0)  # (B*N, S)
         a2 = ddpm_sample(self.target_actor, s2, self.sched, self.gen, self.cfg.clip_sample)  # (B*N, A)
-        v2 = self.target_critic(s2, a2).view(H, B, N).mean(-1)  # (H, B)
+        q2 = self.target_critic(s2, a2).view(H, B, N)  # (H, B, N)
+        v2 = q2.amax(-1) if self.cfg.next_action_max else q2.mean(-1)  # (H, B)
         return td_target(batch.rew, batch.terminal, ensemble_value(v2, self.cfg.q_target, self.cfg.rho),
                          self.cfg.gamma)
 

@@ -1003,6 +1003,22 @@ def test_eval_only_refuses_other_settings(ws, base_run):
                       "--hidden-dim")
 
 # ======================================================================================================
+# AntMaze: Minari's D4RL/antmaze datasets, evaluated in Gymnasium-Robotics' AntMaze (needs gymnasium-robotics)
+# ======================================================================================================
+def test_antmaze_critic_target_takes_the_max_over_next_actions():
+    agent = tiny_agent(rho=1.5, gamma=0.9, next_action_max=True)
+    agent.target_critic = RecordingCritic(agent.cfg.num_qs, w=(1.0, -2.0, 0.5))
+    batch = random_batch()
+    y = agent.critic_target(batch)
+    B, N, H = 8, agent.cfg.num_next_actions, agent.cfg.num_qs
+    s2, a2 = agent.target_critic.calls[-1]
+    q = (np.arange(1, H + 1)[:, None] * s2[:, 0].numpy() + a2.numpy() @ np.array([1.0, -2.0, 0.5]))  # (H, B*N)
+    v = q.reshape(H, B, N).max(-1)  # (H, B)
+    expected = batch.rew.numpy() + 0.9 * (1 - batch.terminal.numpy()) * (v.mean(0) - 1.5 * v.std(0))
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ======================================================================================================
 # Toy bandit (the paper's Figure 2)
 # ======================================================================================================
 # The paper's bandit claims (Figure 2) on dataset 0, two Gaussians.
