@@ -23,7 +23,8 @@ Deliberate differences from the official code (README.md, "Deliberate difference
 * Weights use PyTorch's default initialisation, not Flax's.
 * eta's dual ascent reads the noise-regression loss of the updated actor; the official code's reads the actor
   from before the step.
-* Antmaze (max-Q backup, fixed eta) is not included.
+* AntMaze runs on Minari's D4RL/antmaze datasets in Gymnasium-Robotics' AntMaze-v4 (D4RL's maze maps, goal
+  radius 0.45 where D4RL's is 0.5), not on D4RL's mujoco-py antmaze; the network input adds the desired goal.
 * Each agent owns a torch.Generator; evaluation draws from a separate one, so it never shifts training noise.
 * The fast path on CUDA runs float32 matrix products in TF32, as JAX does by default on GPUs.
 * `--guidance none` (diffusion BC) and `--no-clip-sample` exist for the toy bandit and ablations.
@@ -108,6 +109,12 @@ class Config:
     grad_clip: float = arg(1.0, "global gradient-norm clip per network")
 
 
+# AntMaze: D4RL's names (v0 and v2) -> the Minari datasets recorded on Gymnasium-Robotics' AntMaze-v4 with D4RL's
+# maze maps. Each dataset names the environment it is evaluated in.
+ANTMAZE = {f"antmaze-{maze}-{v}": f"D4RL/antmaze/{maze}-v1"
+           for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+           for v in ("v0", "v2")}
+
 # The official per-dataset settings (the official repository's runs.sh); any command-line flag overrides them.
 PRESETS = {
     **{f"walker2d-{d}-v2": dict(rho=1.0, bc_threshold=1.0) for d in ("medium", "medium-replay", "medium-expert")},
@@ -117,16 +124,23 @@ PRESETS = {
     "halfcheetah-medium-v2": dict(rho=0.0, bc_threshold=1.0),
     "halfcheetah-medium-replay-v2": dict(rho=0.0, bc_threshold=1.0),
     "halfcheetah-medium-expert-v2": dict(rho=0.0, bc_threshold=0.1),
+    # AntMaze: max over the next actions and eta fixed at 0.1; rho 1.1 on large-play, critic lr 1e-3 on the large
+    # mazes. Rewards get the locomotion return-range scale (the official runs pass no antmaze reward option).
+    **{name: dict(next_action_max=True, eta=0.1, eta_lr=0.0, rho=1.1 if "large-play" in name else 1.0,
+                  critic_lr=1e-3 if "large" in name else 3e-4) for name in ANTMAZE},
 }
 
-# Task family -> (Gymnasium task used for evaluation, D4RL random score, D4RL expert score).
+# Task family -> (Gymnasium task used for evaluation, D4RL random score, D4RL expert score). AntMaze evaluates in
+# the environment its Minari dataset names, where an episode's return is 1 if it reached the goal and 0 if not.
 TASKS = {
     "hopper": ("Hopper-v5", -20.272305, 3234.3),
     "walker2d": ("Walker2d-v5", 1.629008, 4592.3),
     "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0),
+    "antmaze": ("AntMaze_*-v4", 0.0, 1.0),
 }
 LEVELS = ("medium", "medium-replay", "medium-expert", "expert")
-ENV_NAMES = [f"{family}-{level}-v2" for family in TASKS for level in LEVELS]
+ENV_NAMES = [f"{family}-{level}-v2" for family in ("hopper", "walker2d", "halfcheetah") for level in LEVELS]
+ENV_NAMES += ANTMAZE
 
 
 # Fields that may change between a run and its resumption (they do not change what is learned).
@@ -650,7 +664,7 @@ def train(cfgs: list, device: torch.device) -> None:
 def task_dims(env: str) -> tuple:
     import gymnasium as gym
 
-    e = gym.make(TASKS[family_of(env)][0])
+    e = antmaze_eval_env(antmaze_dataset(env)) if family_of(env) == "antmaze" else gym.make(TASKS[family_of(env)][0])
     dims = e.observation_space.shape[0], e.action_space.shape[0]
     e.close()
     return dims
@@ -659,7 +673,47 @@ def task_dims(env: str) -> tuple:
 def make_eval_envs(env: str, n: int):
     import gymnasium as gym
 
+    if family_of(env) == "antmaze":
+        dataset = antmaze_dataset(env)
+        return gym.vector.SyncVectorEnv([lambda: antmaze_eval_env(dataset)] * n)
     return gym.make_vec(TASKS[family_of(env)][0], num_envs=n, vectorization_mode="sync")
+
+
+def antmaze_observation(obs: dict) -> np.ndarray:
+    """The network input on AntMaze: the robot's state laid out as in D4RL's AntMaze (torso x, y, which is
+    Gymnasium-Robotics' `achieved_goal`, then its 27-dim `observation`: the other 13 joint positions and the 14
+    velocities), followed by the desired goal (x, y). (..., 2), (..., 27), (..., 2) -> (..., 31)"""
+    return np.concatenate([obs["achieved_goal"], obs["observation"], obs["desired_goal"]], axis=-1)
+
+
+def antmaze_dataset(env: str):
+    """The Minari dataset of an AntMaze name: it holds the training data and names the evaluation environment."""
+    try:
+        import gymnasium_robotics  # noqa: F401  (the evaluation environment's code)
+    except ImportError:
+        raise UserError(f"{env} is evaluated in Gymnasium-Robotics' AntMaze, but gymnasium-robotics is not "
+                        f"installed: pip install 'gymnasium-robotics>=1.4'.") from None
+    try:
+        return open_minari(ANTMAZE[env])
+    except FileNotFoundError as e:
+        raise UserError(
+            f"no AntMaze data for {env}: {e}. dac.py needs Minari's {ANTMAZE[env]} for the training data and for "
+            f"the environment it is evaluated in. Provide it: run `minari download {ANTMAZE[env]}` on a machine with "
+            f"internet access (or run dac.py there once), then copy its folder {ANTMAZE[env]} from that machine's "
+            f"~/.minari/datasets into $MINARI_DATASETS_PATH here (default ~/.minari/datasets).") from None
+
+
+def antmaze_eval_env(dataset):
+    """One evaluation episode's environment on AntMaze: the one the Minari dataset names (recover_environment with
+    eval_env=True), made episodic as D4RL's AntMaze evaluation is. With continuing_task=False an episode ends when
+    the ant is within 0.45 of the goal (Gymnasium-Robotics' info["success"]), the one step whose sparse reward is
+    1, so an episode's return is 1 if it reached the goal and 0 if not. Observations become antmaze_observation."""
+    import gymnasium as gym
+
+    env = dataset.recover_environment(eval_env=True, continuing_task=False)
+    size = sum(space.shape[0] for space in env.observation_space.values())
+    return gym.wrappers.TransformObservation(env, antmaze_observation,
+                                             gym.spaces.Box(-np.inf, np.inf, (size,), np.float64))
 
 
 def evaluate(act, envs, seed: int, device: torch.device) -> np.ndarray:
@@ -679,7 +733,7 @@ def evaluate(act, envs, seed: int, device: torch.device) -> np.ndarray:
 
 
 def normalized_score(env: str, returns) -> np.ndarray:
-    """100 (return - random) / (expert - random) with D4RL's reference returns."""
+    """100 (return - random) / (expert - random) with D4RL's reference returns; on AntMaze, 100 x the success rate."""
     _, random_score, expert_score = TASKS[family_of(env)]
     return 100 * (np.asarray(returns) - random_score) / (expert_score - random_score)
 
@@ -688,6 +742,10 @@ def score_note(cfg: Config) -> str:
     """The label every reported score carries: which task and data it comes from."""
     task = TASKS[family_of(cfg.env)][0]
     data = ", ".join(cfg.dataset) if cfg.dataset else f"default sources for {cfg.env}"
+    if family_of(cfg.env) == "antmaze":
+        return (f"success rate x 100 in the evaluation environment of Minari's {ANTMAZE[cfg.env]} (Gymnasium-Robotics "
+                f"{task}, goal radius 0.45); data: {data}. Not D4RL's {cfg.env} benchmark, so not directly comparable "
+                f"with the paper's table.")
     return (f"returns on Gymnasium {task} normalised with D4RL's {family_of(cfg.env)} constants; data: {data}. "
             f"Not D4RL's {cfg.env} benchmark, so not directly comparable with the paper's table.")
 
@@ -734,26 +792,33 @@ def load_hdf5(path: str) -> dict:
     return d
 
 
-def load_minari(dataset_id: str) -> dict:
-    """Read a Minari dataset (local, else downloaded) into D4RL's flat layout."""
+def open_minari(dataset_id: str):
+    """A Minari dataset, local, else downloaded; FileNotFoundError saying where it was looked for."""
     try:
         import minari
     except ImportError:
         raise UserError(f"'{dataset_id}' looks like a Minari id, but minari is not installed: "
                         f"pip install 'minari[hf]'.") from None
     try:
-        ds = minari.load_dataset(dataset_id)
+        return minari.load_dataset(dataset_id)
     except Exception:
         try:
-            ds = minari.load_dataset(dataset_id, download=True)
+            return minari.load_dataset(dataset_id, download=True)
         except Exception as e:
             raise FileNotFoundError(f"Minari '{dataset_id}' is neither in "
                                     f"{os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')} nor "
                                     f"downloadable ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def load_minari(dataset_id: str) -> dict:
+    """Read a Minari dataset (local, else downloaded) into D4RL's flat layout."""
+    ds = open_minari(dataset_id)
     parts = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
     for ep in ds.iterate_episodes():
-        parts["observations"].append(ep.observations[:-1])
-        parts["next_observations"].append(ep.observations[1:])
+        # AntMaze's observations are dicts: flatten them into the network input, as its evaluation does
+        obs = antmaze_observation(ep.observations) if isinstance(ep.observations, dict) else ep.observations
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
         parts["actions"].append(ep.actions)
         parts["rewards"].append(ep.rewards)
         parts["terminals"].append(np.asarray(ep.terminations, bool))
@@ -765,7 +830,9 @@ def load_minari(dataset_id: str) -> dict:
 
 def default_sources(env: str) -> tuple:
     """Where a D4RL name's data is looked for: D4RL's own cache file, else its Minari counterpart(s).
-    Returns (sources, places already looked at in vain)."""
+    Returns (sources, places already looked at in vain). AntMaze's data is its Minari dataset."""
+    if env in ANTMAZE:
+        return [ANTMAZE[env]], []
     family, level = family_of(env), env[len(family_of(env)) + 1:-3]
     d4rl_dir = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
     d4rl_file = d4rl_dir / f"{family}_{level.replace('-', '_')}-v2.hdf5"
