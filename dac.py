@@ -960,6 +960,7 @@ def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None)
                         f"dac.py; this one reads format {CHECKPOINT_FORMAT}. Resume or evaluate it with the dac.py "
                         f"that wrote it, or start a new run in another --out.")
     if cfg is not None:
+        saved = {**dataclasses.asdict(Config()), **saved}  # a field newer than the checkpoint: its default
         differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in dataclasses.asdict(cfg).items()
                   if k not in RUN_ONLY_FIELDS and saved.get(k) != v]
         if differ:

@@ -1119,6 +1119,16 @@ def test_antmaze_data_and_evaluation_see_robot_state_plus_goal(antmaze, monkeypa
     np.testing.assert_array_equal(dac.normalized_score("antmaze-umaze-v2", returns), [100, 0])
 
 
+def test_antmaze_checkpoints_from_before_next_action_max_still_resume(tmp_path):
+    """A checkpoint written before the field existed ran with its default (the mean backup)."""
+    cfg = dac.Config()
+    dac.save_checkpoint(tmp_path / "checkpoint.pt", {"config": {k: v for k, v in vars(cfg).items()
+                                                                if k != "next_action_max"}})
+    dac.load_checkpoint(tmp_path / "checkpoint.pt", CPU, cfg)
+    with pytest.raises(dac.UserError, match="next_action_max: checkpoint False, now True"):
+        dac.load_checkpoint(tmp_path / "checkpoint.pt", CPU, dac.Config(next_action_max=True))
+
+
 def test_antmaze_cli_end_to_end_on_local_minari(antmaze, ws, tmp_path):
     out = tmp_path / "run"
     proc = cli(["--env", "antmaze-umaze-v2", "--steps", "300", "--eval-every", "150", *TINY, "--out", out],
