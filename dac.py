@@ -22,7 +22,8 @@ Deliberate differences from the official code (README.md, "Deliberate difference
   `qlearning_dataset` drops them.
 * Batches come in shuffled passes over the data as in the official code, but every batch is full: a pass's last
   incomplete batch is dropped (the official code trains on it).
-* Antmaze (max-Q backup, fixed eta) is not included.
+* AntMaze runs on Minari's D4RL/antmaze datasets in Gymnasium-Robotics' AntMaze-v4 (D4RL's maze maps, goal
+  radius 0.45 where D4RL's is 0.5), not on D4RL's mujoco-py antmaze; the network input adds the desired goal.
 * Each agent owns a torch.Generator; evaluation draws from a separate one, so it never shifts training noise.
 * The fast path on CUDA runs float32 matrix products in TF32, as JAX does by default on GPUs.
 * `--guidance none` (diffusion BC) and `--no-clip-sample` exist for the toy bandit and ablations.
@@ -111,6 +112,8 @@ class Config:
                           "listed at the end; 1.0 without one)")
     q_target: str = arg("lcb", "ensemble target", choices=["lcb", "min"])
     num_next_actions: int = arg(10, "N: next actions drawn from the target actor per next state")
+    next_action_max: bool = arg(False, "V(s') per critic: the max of its Q over the N next actions instead of their "
+                                       "mean (the official code's maxQ, its AntMaze setting)")
     critic_lr: float = arg(3e-4, "critic Adam learning rate (cosine-decayed to 0)")
     tau: float = arg(0.005, "Polyak rate of the target critics")
     gamma: float = arg(0.99, "discount")
@@ -124,6 +127,12 @@ class Config:
                                      "order), random = independent uniform draws", choices=["epochs", "random"])
 
 
+# AntMaze: D4RL's names (v0 and v2) -> the Minari datasets recorded on Gymnasium-Robotics' AntMaze-v4 with D4RL's
+# maze maps. Each dataset names the environment it is evaluated in.
+ANTMAZE = {f"antmaze-{maze}-{v}": f"D4RL/antmaze/{maze}-v1"
+           for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse")
+           for v in ("v0", "v2")}
+
 # The official per-dataset settings (the official repository's runs.sh); any command-line flag overrides them.
 PRESETS = {
     **{f"walker2d-{d}-v2": dict(rho=1.0, bc_threshold=1.0) for d in ("medium", "medium-replay", "medium-expert")},
@@ -133,16 +142,23 @@ PRESETS = {
     "halfcheetah-medium-v2": dict(rho=0.0, bc_threshold=1.0),
     "halfcheetah-medium-replay-v2": dict(rho=0.0, bc_threshold=1.0),
     "halfcheetah-medium-expert-v2": dict(rho=0.0, bc_threshold=0.1),
+    # AntMaze: max over the next actions and eta fixed at 0.1; rho 1.1 on large-play, critic lr 1e-3 on the large
+    # mazes. Rewards get the locomotion return-range scale (the official runs pass no antmaze reward option).
+    **{name: dict(next_action_max=True, eta=0.1, eta_lr=0.0, rho=1.1 if "large-play" in name else 1.0,
+                  critic_lr=1e-3 if "large" in name else 3e-4) for name in ANTMAZE},
 }
 
-# Task family -> (Gymnasium task used for evaluation, D4RL random score, D4RL expert score).
+# Task family -> (Gymnasium task used for evaluation, D4RL random score, D4RL expert score). AntMaze evaluates in
+# the environment its Minari dataset names, where an episode's return is 1 if it reached the goal and 0 if not.
 TASKS = {
     "hopper": ("Hopper-v5", -20.272305, 3234.3),
     "walker2d": ("Walker2d-v5", 1.629008, 4592.3),
     "halfcheetah": ("HalfCheetah-v5", -280.178953, 12135.0),
+    "antmaze": ("AntMaze_*-v4", 0.0, 1.0),
 }
 LEVELS = ("medium", "medium-replay", "medium-expert", "expert")
-ENV_NAMES = [f"{family}-{level}-v2" for family in TASKS for level in LEVELS]
+ENV_NAMES = [f"{family}-{level}-v2" for family in ("hopper", "walker2d", "halfcheetah") for level in LEVELS]
+ENV_NAMES += ANTMAZE
 
 
 # Fields that may change between a run and its resumption (they do not change what is learned).
@@ -420,11 +436,13 @@ class DAC(nn.Module):
 
     @torch.no_grad()
     def critic_target(self, batch: Batch) -> torch.Tensor:
-        """y = r + gamma (1 - terminal) LCB_h(mean_n Q'_h(s', a'_n)), a'_n ~ the target actor (N per state). (B,)"""
+        """y = r + gamma (1 - terminal) LCB_h(mean_n Q'_h(s', a'_n)), a'_n ~ the target actor (N per state); with
+        next_action_max, max_n in place of mean_n (the official code's AntMaze backup). (B,)"""
         B, N, H = batch.obs.shape[0], self.cfg.num_next_actions, self.cfg.num_qs
         s2 = batch.next_obs.repeat_interleave(N, dim=0)  # (B*N, S)
         a2 = ddpm_sample(self.target_actor, s2, self.sched, self.gen, self.cfg.clip_sample)  # (B*N, A)
-        v2 = self.target_critic(s2, a2).view(H, B, N).mean(-1)  # (H, B)
+        q2 = self.target_critic(s2, a2).view(H, B, N)  # (H, B, N)
+        v2 = q2.amax(-1) if self.cfg.next_action_max else q2.mean(-1)  # (H, B)
         return td_target(batch.rew, batch.terminal, ensemble_value(v2, self.cfg.q_target, self.cfg.rho),
                          self.cfg.gamma)
 
@@ -726,7 +744,7 @@ def train(cfgs: list, device: torch.device) -> None:
 def task_dims(env: str) -> tuple:
     import gymnasium as gym
 
-    e = gym.make(TASKS[family_of(env)][0])
+    e = antmaze_eval_env(antmaze_dataset(env)) if family_of(env) == "antmaze" else gym.make(TASKS[family_of(env)][0])
     dims = e.observation_space.shape[0], e.action_space.shape[0]
     e.close()
     return dims
@@ -735,7 +753,47 @@ def task_dims(env: str) -> tuple:
 def make_eval_envs(env: str, n: int):
     import gymnasium as gym
 
+    if family_of(env) == "antmaze":
+        dataset = antmaze_dataset(env)
+        return gym.vector.SyncVectorEnv([lambda: antmaze_eval_env(dataset)] * n)
     return gym.make_vec(TASKS[family_of(env)][0], num_envs=n, vectorization_mode="sync")
+
+
+def antmaze_observation(obs: dict) -> np.ndarray:
+    """The network input on AntMaze: the robot's state laid out as in D4RL's AntMaze (torso x, y, which is
+    Gymnasium-Robotics' `achieved_goal`, then its 27-dim `observation`: the other 13 joint positions and the 14
+    velocities), followed by the desired goal (x, y). (..., 2), (..., 27), (..., 2) -> (..., 31)"""
+    return np.concatenate([obs["achieved_goal"], obs["observation"], obs["desired_goal"]], axis=-1)
+
+
+def antmaze_dataset(env: str):
+    """The Minari dataset of an AntMaze name: it holds the training data and names the evaluation environment."""
+    try:
+        import gymnasium_robotics  # noqa: F401  (the evaluation environment's code)
+    except ImportError:
+        raise UserError(f"{env} is evaluated in Gymnasium-Robotics' AntMaze, but gymnasium-robotics is not "
+                        f"installed: pip install 'gymnasium-robotics>=1.4'.") from None
+    try:
+        return open_minari(ANTMAZE[env])
+    except FileNotFoundError as e:
+        raise UserError(
+            f"no AntMaze data for {env}: {e}. dac.py needs Minari's {ANTMAZE[env]} for the training data and for "
+            f"the environment it is evaluated in. Provide it: run `minari download {ANTMAZE[env]}` on a machine with "
+            f"internet access (or run dac.py there once), then copy its folder {ANTMAZE[env]} from that machine's "
+            f"~/.minari/datasets into $MINARI_DATASETS_PATH here (default ~/.minari/datasets).") from None
+
+
+def antmaze_eval_env(dataset):
+    """One evaluation episode's environment on AntMaze: the one the Minari dataset names (recover_environment with
+    eval_env=True), made episodic as D4RL's AntMaze evaluation is. With continuing_task=False an episode ends when
+    the ant is within 0.45 of the goal (Gymnasium-Robotics' info["success"]), the one step whose sparse reward is
+    1, so an episode's return is 1 if it reached the goal and 0 if not. Observations become antmaze_observation."""
+    import gymnasium as gym
+
+    env = dataset.recover_environment(eval_env=True, continuing_task=False)
+    size = sum(space.shape[0] for space in env.observation_space.values())
+    return gym.wrappers.TransformObservation(env, antmaze_observation,
+                                             gym.spaces.Box(-np.inf, np.inf, (size,), np.float64))
 
 
 class Evaluation(NamedTuple):
@@ -781,7 +839,7 @@ def evaluate(act, envs, seed: int, device: torch.device, gamma: float, reward_sc
 
 
 def normalized_score(env: str, returns) -> np.ndarray:
-    """100 (return - random) / (expert - random) with D4RL's reference returns."""
+    """100 (return - random) / (expert - random) with D4RL's reference returns; on AntMaze, 100 x the success rate."""
     _, random_score, expert_score = TASKS[family_of(env)]
     return 100 * (np.asarray(returns) - random_score) / (expert_score - random_score)
 
@@ -790,6 +848,10 @@ def score_note(cfg: Config) -> str:
     """The label every reported score carries: which task and data it comes from."""
     task = TASKS[family_of(cfg.env)][0]
     data = ", ".join(cfg.dataset) if cfg.dataset else f"default sources for {cfg.env}"
+    if family_of(cfg.env) == "antmaze":
+        return (f"success rate x 100 in the evaluation environment of Minari's {ANTMAZE[cfg.env]} (Gymnasium-Robotics "
+                f"{task}, goal radius 0.45); data: {data}. Not D4RL's {cfg.env} benchmark, so not directly comparable "
+                f"with the paper's table.")
     return (f"returns on Gymnasium {task} normalised with D4RL's {family_of(cfg.env)} constants; data: {data}. "
             f"Not D4RL's {cfg.env} benchmark, so not directly comparable with the paper's table.")
 
@@ -836,10 +898,10 @@ def load_hdf5(path: str) -> dict:
     return d
 
 
-def load_minari(dataset_id: str) -> dict:
-    """Read a Minari dataset into D4RL's flat layout: from $MINARI_DATASETS_PATH (default ~/.minari/datasets), else
-    downloaded once one request without retries has found it on Minari's server, so that a mistyped id or no network
-    fails at once. A failed lookup leaves behind no folder that it created."""
+def open_minari(dataset_id: str):
+    """A Minari dataset: from $MINARI_DATASETS_PATH (default ~/.minari/datasets), else downloaded once one request
+    without retries has found it on Minari's server, so that a mistyped id or no network fails at once. A failed
+    lookup leaves behind no folder that it created."""
     if not re.fullmatch(r"(?:[-\w]+/)*[-\w]+-v\d+", dataset_id):
         raise FileNotFoundError(f"'{dataset_id}' is neither an existing file nor a Minari id (namespace/name-vN, e.g. "
                                 f"mujoco/hopper/medium-v0)")
@@ -853,7 +915,7 @@ def load_minari(dataset_id: str) -> dict:
     try:
         if not (root / dataset_id / "data").exists():
             check_minari_server(dataset_id, root)
-        ds = minari.load_dataset(dataset_id, download=True)
+        return minari.load_dataset(dataset_id, download=True)
     except FileNotFoundError:
         raise
     except Exception as e:
@@ -862,10 +924,17 @@ def load_minari(dataset_id: str) -> dict:
     finally:
         if missing and missing[-1].exists() and not any(p.is_file() for p in missing[-1].rglob("*")):
             shutil.rmtree(missing[-1])
+
+
+def load_minari(dataset_id: str) -> dict:
+    """Read a Minari dataset into D4RL's flat layout."""
+    ds = open_minari(dataset_id)
     parts = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
     for ep in ds.iterate_episodes():
-        parts["observations"].append(ep.observations[:-1])
-        parts["next_observations"].append(ep.observations[1:])
+        # AntMaze's observations are dicts: flatten them into the network input, as its evaluation does
+        obs = antmaze_observation(ep.observations) if isinstance(ep.observations, dict) else ep.observations
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
         parts["actions"].append(ep.actions)
         parts["rewards"].append(ep.rewards)
         parts["terminals"].append(np.asarray(ep.terminations, bool))
@@ -899,7 +968,9 @@ def check_minari_server(dataset_id: str, root: Path) -> None:
 
 def default_sources(env: str) -> tuple:
     """Where a D4RL name's data is looked for: D4RL's own cache file, else its Minari counterpart(s).
-    Returns (sources, places already looked at in vain)."""
+    Returns (sources, places already looked at in vain). AntMaze's data is its Minari dataset."""
+    if env in ANTMAZE:
+        return [ANTMAZE[env]], []
     family, level = family_of(env), env[len(family_of(env)) + 1:-3]
     d4rl_dir = Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
     d4rl_file = d4rl_dir / f"{family}_{level.replace('-', '_')}-v2.hdf5"

@@ -6,6 +6,8 @@
    extraction, EMA/Polyak timing, the ensemble's independence, defaults and presets, data loading.
 2. The command line, as subprocesses (exit codes, stderr, no traceback): end-to-end runs on a tiny D4RL-layout
    hdf5 file and a tiny local Minari dataset made here, exact resume after an interruption, every user error.
+3. AntMaze: a tiny dataset recorded here in Gymnasium-Robotics' real AntMaze_UMaze, its observations and success
+   scoring, an end-to-end run on it, the error without Minari's dataset.
 
 Everything that trains uses tiny networks, a few dozen steps and one thread; the paper's sizes stay the defaults.
 CLI runs use the eager path (--no-fast); the fast path's equivalence with it is tested elsewhere.
@@ -1259,6 +1261,8 @@ def test_eval_only_refuses_other_settings(ws, base_run):
 
 # ======================================================================================================
 # The official defaults (initialisation, batch order), evaluation diagnostics, --stop-at, launches and reports
+# ===============================================================================================
+
 # ======================================================================================================
 def test_flax_init_is_xavier_uniform_with_zero_biases_per_member():
     """init='flax' (the default, as the official code): every weight U(-a, a), a = sqrt(6 / (fan_in + fan_out)),
@@ -1425,6 +1429,151 @@ def test_torchrun_spreads_runs_over_processes_with_outputs_identical_to_single_r
 def test_several_envs_with_one_dataset_file_is_refused(ws):
     assert_user_error(cli(["--env", "hopper-medium-v2", "walker2d-medium-v2", "--dataset", ws.hdf5], ws.env),
                       "--dataset names the data of one --env")
+# AntMaze: Minari's D4RL/antmaze datasets, evaluated in Gymnasium-Robotics' AntMaze (needs gymnasium-robotics)
+# ======================================================================================================
+UMAZE_EVAL_MAP = [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]]
+
+
+def write_antmaze_minari(root: Path, lengths=(40, 50, 60), eval_steps=100, seed=0) -> int:
+    """A tiny stand-in for Minari's D4RL/antmaze/umaze-v1 under `root`: random-action episodes recorded in the real
+    AntMaze_UMaze-v4 (continuing task, as Minari's were), with an evaluation spec like Minari's (fixed start and
+    goal cells) but episodes of `eval_steps` instead of 700, to keep the tests fast. Returns its steps."""
+    import gymnasium as gym
+    import gymnasium_robotics  # noqa: F401  (registers AntMaze_UMaze-v4)
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # AntMaze-v4 is not the newest version; Minari's advice to add an author
+        env = gym.make("AntMaze_UMaze-v4", continuing_task=True, reset_target=False)
+        buffers = []
+        for i, n in enumerate(lengths):
+            obs, _ = env.reset(seed=seed + i)
+            observations, actions, rewards = {k: [v] for k, v in obs.items()}, [], []
+            for _ in range(n):
+                actions.append(rng.uniform(-1, 1, 8).astype(np.float32))
+                obs, reward, *_ = env.step(actions[-1])
+                rewards.append(reward)
+                for k, v in obs.items():
+                    observations[k].append(v)
+            buffers.append(EpisodeBuffer(id=i, observations={k: np.array(v) for k, v in observations.items()},
+                                         actions=np.array(actions), rewards=np.array(rewards),
+                                         terminations=np.zeros(n, bool), truncations=np.r_[np.zeros(n - 1, bool), 1]))
+        eval_spec = copy.deepcopy(env.spec)
+        eval_spec.kwargs["maze_map"], eval_spec.max_episode_steps = UMAZE_EVAL_MAP, eval_steps
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MINARI_DATASETS_PATH", str(root))
+            minari.create_dataset_from_buffers("D4RL/antmaze/umaze-v1", buffers, env=env.spec, eval_env=eval_spec,
+                                               algorithm_name="test_dac")
+        env.close()
+    return sum(lengths)
+
+
+@pytest.fixture(scope="module")
+def antmaze(tmp_path_factory):
+    root = tmp_path_factory.mktemp("antmaze")
+    n = write_antmaze_minari(root)
+    return SimpleNamespace(root=root, n=n)
+
+
+def test_antmaze_names_presets_and_sources():
+    """D4RL's v0 and v2 names map to Minari's six datasets and carry the official antmaze settings (runs.sh)."""
+    for maze in ("umaze", "umaze-diverse", "medium-play", "medium-diverse", "large-play", "large-diverse"):
+        for v in ("v0", "v2"):
+            env = f"antmaze-{maze}-{v}"
+            assert dac.default_sources(env) == ([f"D4RL/antmaze/{maze}-v1"], [])
+            [cfg], _ = dac.parse_config(["--env", env])
+            assert (cfg.next_action_max, cfg.eta, cfg.eta_lr, cfg.q_target, cfg.num_qs) == (True, 0.1, 0.0, "lcb", 10)
+            assert cfg.rho == (1.1 if maze == "large-play" else 1.0), env
+            assert cfg.critic_lr == (1e-3 if maze.startswith("large") else 3e-4), env
+    assert not dac.Config().next_action_max and not dac.parse_config(["--env", "hopper-medium-v2"])[0][0].next_action_max
+    [cfg], _ = dac.parse_config(["--env", "antmaze-large-play-v2", "--no-next-action-max", "--rho", "2"])
+    assert (cfg.next_action_max, cfg.rho) == (False, 2.0)
+    np.testing.assert_allclose(dac.normalized_score("antmaze-umaze-v2", [1, 0, 1, 1]), [100, 0, 100, 100])
+
+
+def test_antmaze_critic_target_takes_the_max_over_next_actions():
+    agent = tiny_agent(rho=1.5, gamma=0.9, next_action_max=True)
+    agent.target_critic = RecordingCritic(agent.cfg.num_qs, w=(1.0, -2.0, 0.5))
+    batch = random_batch()
+    y = agent.critic_target(batch)
+    B, N, H = 8, agent.cfg.num_next_actions, agent.cfg.num_qs
+    s2, a2 = agent.target_critic.calls[-1]
+    q = (np.arange(1, H + 1)[:, None] * s2[:, 0].numpy() + a2.numpy() @ np.array([1.0, -2.0, 0.5]))  # (H, B*N)
+    v = q.reshape(H, B, N).max(-1)  # (H, B)
+    expected = batch.rew.numpy() + 0.9 * (1 - batch.terminal.numpy()) * (v.mean(0) - 1.5 * v.std(0))
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_antmaze_data_and_evaluation_see_robot_state_plus_goal(antmaze, monkeypatch):
+    """Data and evaluation feed the network [torso x, y; the 27-dim observation; desired goal x, y] (31 = D4RL's
+    29-dim ant state + the goal); an evaluation episode ends at the goal with return 1, else returns 0."""
+    import minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(antmaze.root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert dac.task_dims("antmaze-umaze-v2") == (31, 8)
+    d = dac.load_dataset(dac.Config(env="antmaze-umaze-v2"), 31, 8)
+    assert len(d["rewards"]) == antmaze.n and d["observations"].shape == (antmaze.n, 31)
+    first = next(minari.load_dataset("D4RL/antmaze/umaze-v1").iterate_episodes())
+    raw = np.concatenate([first.observations[k] for k in ("achieved_goal", "observation", "desired_goal")], axis=1)
+    np.testing.assert_allclose(d["observations"][:40], raw[:-1], rtol=1e-6)
+    np.testing.assert_allclose(d["next_observations"][:40], raw[1:], rtol=1e-6)
+
+    envs = dac.make_eval_envs("antmaze-umaze-v2", 2)
+    assert envs.single_observation_space.shape == (31,)
+
+    def act(states, gen):
+        """Zero actions; before the first step, put the ant of episode 0 on its goal."""
+        if not calls:
+            maze = envs.envs[0].unwrapped
+            qpos = maze.ant_env.data.qpos.copy()
+            qpos[:2] = maze.goal
+            maze.ant_env.set_state(qpos, maze.ant_env.data.qvel)
+            np.testing.assert_allclose(states[:, -2:].numpy(), [e.unwrapped.goal for e in envs.envs], rtol=1e-6)
+        calls.append(1)
+        return torch.zeros(len(states), 8), torch.zeros(len(states))
+
+    calls = []
+    returns = dac.evaluate(act, envs, 0, CPU, gamma=0.99, reward_scale=1.0).returns
+    envs.close()
+    np.testing.assert_array_equal(returns, [1, 0])
+    assert len(calls) == 100  # episode 1 ran to its time limit
+    np.testing.assert_array_equal(dac.normalized_score("antmaze-umaze-v2", returns), [100, 0])
+
+
+def test_antmaze_cli_end_to_end_on_local_minari(antmaze, ws, tmp_path):
+    out = tmp_path / "run"
+    proc = cli(["--env", "antmaze-umaze-v2", "--steps", "300", "--eval-every", "150", *TINY, "--out", out],
+               {**ws.env, "MINARI_DATASETS_PATH": str(antmaze.root)})
+    assert_ok(proc)
+    assert f"data: {antmaze.n} transitions from D4RL/antmaze/umaze-v1" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert (config["next_action_max"], config["eta"], config["eta_lr"]) == (True, 0.1, 0.0)
+    with open(out / "progress.csv") as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert [r["step"] for r in rows] == [150, 300]
+    for r in rows:
+        assert r["return_mean"] in (0.0, 0.5, 1.0) and r["normalized_score"] == 100 * r["return_mean"]
+        assert r["eta"] == pytest.approx(0.1, rel=1e-5)
+        # eval_q_mean / eval_discounted_return are NaN here: 100-step episodes cut by the time limit leave no state
+        # whose discounted return is known to within 1%
+        assert all(math.isfinite(v) for k, v in r.items() if k not in ("eval_q_mean", "eval_discounted_return"))
+    assert "success rate" in json.loads((out / "summary.json").read_text())["note"]
+    assert load_ckpt(out / "checkpoint.pt")["agent"]["nets"]["critic.net.0.weight"].shape == (3, 31 + 8, 32)
+
+
+def test_antmaze_without_its_minari_dataset_offline(ws, tmp_path):
+    assert_user_error(cli(["--env", "antmaze-medium-play-v0", *TINY, "--out", tmp_path / "run"], ws.env),
+                      "antmaze-medium-play-v0", "D4RL/antmaze/medium-play-v1", "minari download",
+                      "MINARI_DATASETS_PATH")
+
+
+def test_antmaze_only_code_is_not_imported_on_locomotion(ws):
+    script = ("import sys, dac\nenvs = dac.make_eval_envs('hopper-medium-v2', 2)\ndac.task_dims('hopper-medium-v2')\n"
+              "assert 'gymnasium_robotics' not in sys.modules")
+    assert_ok(cli([], ws.env, script=script))
 
 
 # ======================================================================================================
