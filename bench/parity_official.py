@@ -54,6 +54,7 @@ PIP_LINE = ('pip install "jax==0.4.38" "jaxlib==0.4.38" "flax==0.10.2" "optax==0
 TOL = {"float32": 1e-4, "float64": 1e-9}
 SCALAR_FLOOR, TENSOR_FLOOR = 1e-3, 1e-12
 OBS_DIM, ACT_DIM = 11, 3  # hopper
+START = time.perf_counter()
 
 
 # ======================================================================================================
@@ -437,6 +438,26 @@ def compare_state(agent, learner) -> list:
     return rows
 
 
+def compare_policy(agent, learner, states: np.ndarray, log: list, T: int, N: int) -> tuple:
+    """Policy extraction (acting): official sample_actions (N actions per state from the online actor, argmax
+    of the ensemble-mean target Q; the caller clips to [-1, 1], as eval.py does) against dac.DAC.act on the
+    same states and draws. Returns (abs, rel) difference of the chosen actions."""
+    import jax
+
+    log.clear()
+    with record_official_draws(log):
+        ref = np.clip(np.asarray(learner.sample_actions(states, batch_act=True)), -1, 1)  # (B, A)
+        jax.effects_barrier()
+    M = len(states) * N
+    if [(k, v.shape) for k, v in log] != [("normal", (M, ACT_DIM))] * (T + 1):
+        raise RuntimeError(f"official sample_actions drew {[(k, v.shape) for k, v in log]}, expected {T + 1} "
+                           f"normals of shape {(M, ACT_DIM)}")
+    noise = np.stack([log[0][1]] + [log[1 + k][1] for k in range(T - 1)])  # (T, M, A), as in draws_for_dac
+    with dac_replayed_draws({("randn", noise.shape): torch.from_numpy(noise)}):
+        ours = agent.act(torch.from_numpy(states), torch.Generator())  # (B, A)
+    return rel_tensor(ours, ref)
+
+
 # ======================================================================================================
 # --check-init: the official initial weights' distribution against a torch initialisation
 # ======================================================================================================
@@ -559,7 +580,7 @@ def run(args) -> int:
     names = {"critic_loss": "critic_loss", "bc_loss": "bc_loss", "guidance_loss": "guidance_loss", "eta": None,
              "q_mean": "qs", "q_ensemble_std": "qs_std"}
     worst = {k: (0.0, 0.0, -1) for k in names}
-    t_off = t_dac = 0.0
+    t_off = t_dac = c_off = c_dac = 0.0
     log = []
     print(f"{'step':>5s} " + " ".join(f"{k + ' abs/rel':>22s}" for k in names))
     with contextlib.ExitStack() as stack:
@@ -570,19 +591,19 @@ def run(args) -> int:
             b = next(stream)
             jb = Batch(observations=b["observations"], actions=b["actions"], rewards=b["rewards"],
                        masks=1 - b["terminals"], next_observations=b["next_observations"])
-            tic = time.perf_counter()
+            tic, cpu = time.perf_counter(), time.process_time()
             log.clear()
             info = learner.update(jb)
             jax.block_until_ready((info, learner.actor.params, learner.critic.params, learner.eta))
             jax.effects_barrier()
-            t_off += time.perf_counter() - tic
+            t_off, c_off = t_off + time.perf_counter() - tic, c_off + time.process_time() - cpu
             draws = draws_for_dac(log, cfg.T, 256, 256 * cfg.num_next_actions)
             batch = dac.Batch(*(torch.from_numpy(b[k]) for k in ("observations", "actions", "rewards",
                                                                  "next_observations", "terminals")))
-            tic = time.perf_counter()
+            tic, cpu = time.perf_counter(), time.process_time()
             with dac_replayed_draws(draws):
                 ours = dac_metrics(agent.update(batch))
-            t_dac += time.perf_counter() - tic
+            t_dac, c_dac = t_dac + time.perf_counter() - tic, c_dac + time.process_time() - cpu
             cells = []
             for k, ok in names.items():
                 ref = float(learner.eta) if ok is None else float(info[ok])
@@ -600,6 +621,8 @@ def run(args) -> int:
         failed += [k] if bad else []
         print(f"  {k:16s} abs {a:9.2e}  rel {r:9.2e}  (step {s}){'  FAIL' if bad else ''}")
     rows = compare_state(agent, learner)
+    rows.append(("policy extraction: act() on 64 dataset states", *compare_policy(
+        agent, learner, data["observations"][:64], log, cfg.T, cfg.num_action_samples)))
     print(f"\nafter {args.steps} steps: parameters, Adam moments and counts (relative: max|diff| / max|official|):")
     groups = {}
     for what, a, r in rows:
@@ -607,13 +630,14 @@ def run(args) -> int:
         failed += [what] if bad else []
         if args.verbose or bad:
             print(f"  {what:58s} abs {a:9.2e}  rel {r:9.2e}{'  FAIL' if bad else ''}")
-        g = what.split(" ")[0] if "adam_count" in what else ".".join(what.split(".")[:2 if ".adam_" in what else 1])
+        g = what.split(" ")[0] if "adam_count" in what or "policy" in what else \
+            ".".join(what.split(".")[:2 if ".adam_" in what else 1])
         ga, gr, gn = groups.get(g, (0.0, 0.0, 0))
         groups[g] = (max(ga, a), max(gr, r), gn + 1)
     for g, (a, r, n) in groups.items():
         print(f"  {g:20s} {n:3d} tensors  max abs {a:9.2e}  max rel {r:9.2e}")
-    print(f"\ntime: official {t_off:.1f} s, dac.py {t_dac:.1f} s for {args.steps} steps "
-          f"(official includes its jit compiles)")
+    print(f"\ntime for {args.steps} steps: official {t_off:.1f} s wall / {c_off:.1f} s CPU (jit compiles included), "
+          f"dac.py {t_dac:.1f} s wall / {c_dac:.1f} s CPU; whole run {time.perf_counter() - START:.0f} s wall")
     if failed:
         print(f"PARITY FAILED ({args.dtype}, tolerance {tol:g}): {', '.join(failed[:8])}"
               f"{' ...' if len(failed) > 8 else ''}")
