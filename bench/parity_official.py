@@ -3,14 +3,11 @@
 Purpose. Build the official DACLearner (JAX, CPU) at hopper shapes (S=11, A=3) with the official hopper-medium
 settings, copy its initial weights into a dac.DAC, then run both for --steps gradient steps on the same batches
 and the same random draws (the actor's t and eps, the target sampler's x_T and per-step noise, recorded from the
-official run and replayed into dac.py). Per step it prints how far the losses, eta and the Q statistics differ;
-at the end, how far every parameter tensor (actor, target actor, critic, target critic), every Adam moment and
-the Adam step counts differ. It exits 1 when anything exceeds the tolerance (1e-4 relative in float32, 1e-9 in
-float64), 2 on a usage or installation problem.
-
-    python bench/parity_official.py --official PATH [--steps 200] [--dtype float32|float64] [--ema-start 50]
-                                    [--seed 0] [--dataset FILE.hdf5] [--dac-eta] [--perturb EPS]
-    python bench/parity_official.py --official PATH --check-init [--init-fn MODULE.FUNCTION]
+official run through jax.debug.callback and replayed into dac.py's torch.randn/randint). Per step it prints how
+far the losses, eta and the Q statistics differ; at the end, how far every parameter tensor (actor, target actor,
+critic, target critic), every Adam moment, the Adam step counts and the acting policy's actions differ. It exits
+1 when anything exceeds the tolerance (1e-4 relative in float32, 1e-9 in float64), 2 on a usage or install
+problem. --check-init instead compares the initial weight distributions (Flax Xavier vs dac.py's init).
 
 PATH is a checkout of https://github.com/Fang-Lin93/DAC (e.g. `git archive HEAD | tar -x -C /tmp/dac_official`).
 JAX and friends are needed by this script only (not in requirements.txt); the versions it was checked with:
@@ -21,10 +18,10 @@ JAX and friends are needed by this script only (not in requirements.txt); the ve
 which crosses zero, from dividing by ~0); for a tensor, max|ours - official| / max(max|official|, 1e-12), i.e. the
 largest element-wise difference against the tensor's own scale (the floor only guards all-zero tensors).
 
-Where dac.py deliberately or numerically differs, the harness runs dac.py the official way and says so when it
-starts (see `Patches`): eta's dual ascent uses the pre-step BC loss (official `eps_new = actor(...)` calls the old
-immutable Flax model); in float64 also the global-norm clip (optax's max/norm, not torch's max/(norm + 1e-6)) and
-the float64 diffusion schedule; see docs/parity.md.
+Where dac.py deliberately or numerically differs, the harness runs dac.py the official way and prints so when it
+starts (the dac_official_* / dac_float64_* functions below): eta's dual ascent uses the pre-step BC loss (the
+official `eps_new = actor(...)` calls the old, immutable Flax model); in float64 also optax's clip (max/norm, not
+torch's max/(norm + 1e-6)), a float64 EMA rate and the float64 diffusion schedule. See docs/parity.md.
 
 Licence note: the official code is GPL-3.0. This script imports it at run time from the path given; it copies
 none of it. The small stand-ins below (`datasets`, the `agents` package shell) replace official modules that the
@@ -174,7 +171,7 @@ def dac_official_eta_step():
     dac.py evaluates the updated actor, as the paper describes. Here dac.bc_loss records its first value in the
     step (the loss inside the actor objective) and dac.dual_ascent_eta is given that value instead."""
     real_bc, real_dual = dac.bc_loss, dac.dual_ascent_eta
-    first = []
+    first, calls = [], {"n": 0}
 
     def bc_loss(eps_pred, eps):
         loss = real_bc(eps_pred, eps)
@@ -183,29 +180,34 @@ def dac_official_eta_step():
         return loss
 
     def dual_ascent_eta(eta, bc_after, bc_threshold, eta_lr):
+        calls["n"] += 1
         return real_dual(eta, first.pop(), bc_threshold, eta_lr)
 
     dac.bc_loss, dac.dual_ascent_eta = bc_loss, dual_ascent_eta
     try:
-        yield
+        yield calls
     finally:
         dac.bc_loss, dac.dual_ascent_eta = real_bc, real_dual
 
 
 @contextlib.contextmanager
-def dac_official_clip():
-    """optax.clip_by_global_norm: g * max/||g|| when ||g|| >= max, else g. dac.clip_grad_norm uses torch's
-    max/(||g|| + 1e-6), which differs by ~1e-6 relative whenever the clip is active."""
-    real = dac.clip_grad_norm
+def dac_clip(official: bool):
+    """Counts dac.clip_grad_norm's calls and how often the clip is active. official=True also computes it as
+    optax.clip_by_global_norm does: g * max/||g|| when ||g|| >= max, else g. dac.py uses torch's
+    max/(||g|| + 1e-6), which differs by ~1e-6 relative whenever the clip is active (float64 runs)."""
+    real, calls = dac.clip_grad_norm, {"n": 0, "clipped": 0}
 
     def clip_grad_norm(grads, max_norm):
         norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        calls["n"], calls["clipped"] = calls["n"] + 1, calls["clipped"] + int(norm >= max_norm)
+        if not official:
+            return real(grads, max_norm)
         scale = torch.where(norm < max_norm, torch.ones_like(norm), max_norm / norm)
         return [g * scale for g in grads]
 
     dac.clip_grad_norm = clip_grad_norm
     try:
-        yield
+        yield calls
     finally:
         dac.clip_grad_norm = real
 
@@ -215,16 +217,17 @@ def dac_float64_ema_rate(tau: float):
     """dac.py gates the target-actor EMA with the tensor `cfg.actor_ema_tau * due.float()`: float32 even in a
     float64 agent, so the rate is float32(0.005) = 0.0049999999 (2.2e-8 relative; invisible in float32). In
     float64 runs soft_update_ gets the float64 rate instead whenever it is handed a tensor rate."""
-    real = dac.soft_update_
+    real, calls = dac.soft_update_, {"n": 0}
 
     def soft_update_(target, source, rate):
         if torch.is_tensor(rate):
+            calls["n"] += 1
             rate = (rate != 0).to(torch.float64) * tau
         return real(target, source, rate)
 
     dac.soft_update_ = soft_update_
     try:
-        yield
+        yield calls
     finally:
         dac.soft_update_ = real
 
@@ -376,7 +379,7 @@ def make_data(args, dtype) -> dict:
         obs = rng.normal(size=(n, OBS_DIM))
         d = {"observations": obs, "next_observations": obs + 0.1 * rng.normal(size=(n, OBS_DIM)),
              "actions": np.clip(rng.normal(scale=0.5, size=(n, ACT_DIM)), -1 + 1e-5, 1 - 1e-5),
-             "rewards": rng.normal(loc=0.3, size=n), "terminals": (rng.random(n) < 0.01)}
+             "rewards": args.reward_scale * rng.normal(loc=0.3, size=n), "terminals": (rng.random(n) < 0.01)}
     return {k: np.asarray(v, dtype) for k, v in d.items()}
 
 
@@ -553,7 +556,9 @@ def run(args) -> int:
     print("schedule: dac.vp_schedule (float32) vs official, max rel diff "
           + ", ".join(f"{k} {rel_tensor(d32[k], np.asarray(v))[1]:.1e}" for k, v in sched.items()))
     print("patches applied to dac.py at run time (to run it the official way):")
-    patches = [dac_official_eta_step()] if not args.dac_eta else []
+    official_clip = x64 and not args.dac_clip
+    patches = [("dac.clip_grad_norm", dac_clip(official_clip))]
+    patches += [] if args.dac_eta else [("dac.dual_ascent_eta", dac_official_eta_step())]
     if args.dac_eta:
         print("  none for eta (--dac-eta): dac.py's own dual ascent with the UPDATED actor's BC loss (should FAIL)")
     else:
@@ -561,11 +566,12 @@ def run(args) -> int:
               "    `eps_new = actor(...)` after `actor.apply_gradient` calls the old (immutable) Flax model;\n"
               "    dac.py evaluates the updated actor on purpose (paper section 2).")
     if x64:
-        patches += [dac_official_clip(), dac_float64_ema_rate(cfg.actor_ema_tau)]
+        patches += [("dac.soft_update_ with a tensor rate", dac_float64_ema_rate(cfg.actor_ema_tau))]
         dac_set_schedule(agent, *(np.asarray(sched[k]) for k in ("alphas", "betas", "abar")))
         print("  * float64: global-norm clip as optax computes it (max/||g||; dac.py: max/(||g|| + 1e-6), ~1e-6\n"
-              "    relative whenever the clip is active, far above 1e-9);\n"
-              "  * float64: target-actor EMA rate 0.005 in float64 (dac.py's `tau * due.float()` is a float32\n"
+              "    relative whenever the clip is active, far above 1e-9);" if official_clip else
+              "  * none for the clip (--dac-clip): dac.py's max/(||g|| + 1e-6) (should FAIL if the clip is active);")
+        print("  * float64: target-actor EMA rate 0.005 in float64 (dac.py's `tau * due.float()` is a float32\n"
               "    tensor, 2.2e-8 relative off);\n"
               "  * float64: the official float64 schedule loaded into agent.alphas/betas/abar (dac.vp_schedule\n"
               "    returns float32 tensors, so agent.double() would keep float32-rounded constants);\n"
@@ -585,8 +591,7 @@ def run(args) -> int:
     print(f"{'step':>5s} " + " ".join(f"{k + ' abs/rel':>22s}" for k in names))
     with contextlib.ExitStack() as stack:
         stack.enter_context(record_official_draws(log))
-        for p in patches:
-            stack.enter_context(p)
+        counters = {name: stack.enter_context(cm) for name, cm in patches}
         for step in range(args.steps):
             b = next(stream)
             jb = Batch(observations=b["observations"], actions=b["actions"], rewards=b["rewards"],
@@ -604,6 +609,10 @@ def run(args) -> int:
             with dac_replayed_draws(draws):
                 ours = dac_metrics(agent.update(batch))
             t_dac, c_dac = t_dac + time.perf_counter() - tic, c_dac + time.process_time() - cpu
+            unused = [name for name, calls in counters.items() if calls["n"] == 0]
+            if unused:  # dac.py changed so that a patch no longer reaches it: stop rather than compare silently
+                raise RuntimeError(f"agent.update never called {', '.join(unused)}; adapt the matching dac_* patch "
+                                   f"function at the top of this script to the new dac.py")
             cells = []
             for k, ok in names.items():
                 ref = float(learner.eta) if ok is None else float(info[ok])
@@ -623,6 +632,9 @@ def run(args) -> int:
     rows = compare_state(agent, learner)
     rows.append(("policy extraction: act() on 64 dataset states", *compare_policy(
         agent, learner, data["observations"][:64], log, cfg.T, cfg.num_action_samples)))
+    c = counters["dac.clip_grad_norm"]
+    print(f"\nthe gradient-norm clip was active in {c['clipped']} of {c['n']} calls (actor + critic), computed "
+          f"{'as optax does' if official_clip else 'by dac.py'}")
     print(f"\nafter {args.steps} steps: parameters, Adam moments and counts (relative: max|diff| / max|official|):")
     groups = {}
     for what, a, r in rows:
@@ -659,6 +671,10 @@ def main() -> None:
     p.add_argument("--verbose", action="store_true", help="print every tensor's difference, not only failures")
     p.add_argument("--dac-eta", action="store_true", help="keep dac.py's own eta rule (updated actor): shows the "
                                                            "deliberate difference; expected to fail")
+    p.add_argument("--dac-clip", action="store_true", help="float64: keep dac.py's own clip formula (torch's "
+                                                            "+1e-6); fails when the clip is active")
+    p.add_argument("--reward-scale", type=float, default=1.0, help="multiply the synthetic rewards (10 makes the "
+                                                                    "critic's gradient clip active)")
     p.add_argument("--perturb", type=float, default=0.0, help="scale dac's critic first layer by 1 + this after "
                                                               "the copy: a check that the harness can fail")
     p.add_argument("--check-init", action="store_true", help="compare initial weight distributions instead")
@@ -669,7 +685,6 @@ def main() -> None:
     args = p.parse_args()
     if args.steps < 1 or args.ema_start < 0:
         fail("--steps must be >= 1 and --ema-start >= 0")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     sys.exit(check_init(args) if args.check_init else run(args))
 
 
