@@ -425,7 +425,8 @@ def compare_state(agent, learner) -> list:
             count, mu, nu = official_adam(model)
             adam = (official_layers(mu, critic), official_layers(nu, critic))
         for i, (layer, (path, k, b)) in enumerate(zip(layers, ref)):
-            for pname, ours, theirs in zip(("weight", "bias"), (layer.weight, layer.bias), to_dac_layout(layer, k, b)):
+            pairs = zip(("weight", "bias"), (layer.weight, layer.bias), to_dac_layout(layer, k, b))
+            for pname, ours, theirs in pairs:
                 rows.append((f"{name}.{path}.{pname}", *rel_tensor(ours, theirs)))
             if adam is None:
                 continue
