@@ -178,12 +178,14 @@ class UserError(Exception):
 # ======================================================================================================
 def vp_schedule(T: int, b_min: float = 0.1, b_max: float = 10.0) -> dict:
     """VP schedule, alpha_t = exp(-b_min/T - (b_max-b_min)(2t-1)/(2T^2)), t = 1..T, with alpha_0 = 1 prepended
-    so that index t is step t and abar_0 = 1. Returns float32 tensors of length T + 1."""
+    so that index t is step t and abar_0 = 1. Computed in float64; returns tensors of length T + 1 in torch's
+    default dtype."""
     t = torch.arange(1, T + 1, dtype=torch.float64)
     alphas = torch.cat([torch.ones(1, dtype=torch.float64),
                         torch.exp(-b_min / T - 0.5 * (b_max - b_min) * (2 * t - 1) / T**2)])
     abar = torch.cumprod(alphas, 0)
-    return {"alphas": alphas.float(), "betas": (1 - alphas).float(), "abar": abar.float()}
+    dtype = torch.get_default_dtype()
+    return {"alphas": alphas.to(dtype), "betas": (1 - alphas).to(dtype), "abar": abar.to(dtype)}
 
 
 def noisy_action(a: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -222,7 +224,7 @@ def timestep_features(t: torch.Tensor, dim: int = 16) -> torch.Tensor:
     t (M,) -> (M, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / (half - 1))  # (dim/2,)
-    angles = t.float().unsqueeze(-1) * freqs  # (M, dim/2)
+    angles = t.to(freqs.dtype).unsqueeze(-1) * freqs  # (M, dim/2)
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
