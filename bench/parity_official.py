@@ -321,7 +321,8 @@ def make_data(args, dtype) -> dict:
         d = {"observations": obs, "next_observations": obs + 0.1 * rng.normal(size=(n, OBS_DIM)),
              "actions": np.clip(rng.normal(scale=0.5, size=(n, ACT_DIM)), -1 + 1e-5, 1 - 1e-5),
              "rewards": args.reward_scale * rng.normal(loc=0.3, size=n), "terminals": (rng.random(n) < 0.01)}
-    return {k: np.asarray(v, dtype) for k, v in d.items()}
+    keys = ("observations", "actions", "rewards", "next_observations", "terminals")  # not dac's reward_scale
+    return {k: np.asarray(d[k], dtype) for k in keys}
 
 
 def batches(d: dict, batch_size: int, seed: int):
