@@ -20,8 +20,9 @@ Deliberate differences from the official code (README.md, "Deliberate difference
 * Data come from D4RL hdf5 files or Minari (mujoco/*-v0, recorded on v5 tasks) instead of the d4rl package;
   transitions that end in a time-out are kept (their next observation is in the file) where d4rl's
   `qlearning_dataset` drops them.
-* Batches come in shuffled passes over the data as in the official code, but every batch is full: a pass's last
-  incomplete batch is dropped (the official code trains on it).
+* Batches come in shuffled passes over the data as in the official code, but every batch is full and from one
+  pass: a pass's last (size mod batch) rows are skipped, where the official code's short last batch makes each later
+  pass start one short batch early.
 * AntMaze runs on Minari's D4RL/antmaze datasets in Gymnasium-Robotics' AntMaze-v4 (D4RL's maze maps, goal
   radius 0.45 where D4RL's is 0.5), not on D4RL's mujoco-py antmaze; the network input adds the desired goal.
 * Each agent owns a torch.Generator; evaluation draws from a separate one, so it never shifts training noise.
