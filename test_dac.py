@@ -573,6 +573,18 @@ def test_act_samples_online_actor_and_takes_argmax_of_target_q():
 # ======================================================================================================
 # Networks, defaults, presets, normalisation
 # ======================================================================================================
+def test_mish_equals_torch_mish():
+    """dac.Mish's compiled one-exp form equals F.mish, values and gradients, also far out in both tails."""
+    x = torch.cat([torch.linspace(-30, 30, 2001), torch.randn(1000)]).requires_grad_(True)
+    y = torch.compile(dac.Mish())(x)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    x_ref = x.detach().requires_grad_(True)
+    y_ref = torch.nn.functional.mish(x_ref)
+    (g_ref,) = torch.autograd.grad(y_ref.sum(), x_ref)
+    torch.testing.assert_close(y, y_ref, atol=5e-7, rtol=1e-6)
+    torch.testing.assert_close(gx, g_ref, atol=5e-6, rtol=1e-5)
+
+
 def test_ensemble_members_are_independent_mlps():
     torch.manual_seed(0)
     critic = dac.EnsembleCritic(S, A, hidden=16, num_qs=4)
@@ -595,7 +607,7 @@ def test_ensemble_members_are_independent_mlps():
     actor = dac.NoiseMLP(S, A)
     assert [m.out_features for m in actor.net if isinstance(m, nn.Linear)] == [256, 256, 256, A]
     assert [m.out_features for m in actor.time_mlp if isinstance(m, nn.Linear)] == [32, 32]
-    assert actor.time_mlp[0].in_features == 16 and sum(isinstance(m, nn.Mish) for m in actor.net) == 3
+    assert actor.time_mlp[0].in_features == 16 and sum(isinstance(m, dac.Mish) for m in actor.net) == 3
 
 
 def test_defaults_are_the_papers_and_presets_apply_before_flags():
@@ -984,13 +996,15 @@ def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
 # ======================================================================================================
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--device auto would pick the GPU")
 def test_device_auto_on_the_cpu_says_how_long_a_long_run_takes(ws, tmp_path, capsys):
-    """--device auto without a GPU: one 'note:' line with the expected time, for a long run only (2M steps at
-    ~10 steps/s on the fast path, 5 eager); not for a short run, nor when the CPU was asked for."""
+    """--device auto without a GPU: one 'note:' line with the expected time, for a long run only (2M steps at the
+    measured CPU rate of the fast path); not for a short run, nor when the CPU was asked for."""
     proc = cli(["--env", "hopper-medium-v2", "--out", tmp_path / "run"], ws.env)  # no data here: stops after it
     notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "CPU" in notes[0] and "2,000,000 steps" in notes[0], proc.stderr
-    assert "about 2.3 days" in notes[0] and proc.returncode == 2
-    for flags, note in ((["--no-fast"], "about 4.6 days"), (["--seeds", "0", "1"], "x 2 seeds")):
+    expected = dac.duration(2_000_000 / dac.CPU_STEPS_PER_SEC[True])  # 2.7 days at 8.6 steps/s
+    assert f"about {expected}" in notes[0] and proc.returncode == 2
+    eager = dac.duration(2_000_000 / dac.CPU_STEPS_PER_SEC[False])
+    for flags, note in ((["--no-fast"], f"about {eager}"), (["--seeds", "0", "1"], "x 2 seeds")):
         [cfg], _ = dac.parse_config(flags)
         dac.cpu_notice(cfg, CPU, cfg.seeds or [cfg.seed])
         assert note in capsys.readouterr().err
