@@ -56,7 +56,7 @@ METHODS = ("bc", "soft", "hard", "denoised")
 
 @dataclass
 class BanditConfig:
-    steps: int = arg(20_000, "gradient steps per agent (the paper's 20000)")
+    steps: int = arg(20_000, "gradient steps per agent (the paper's length)")
     datasets: list = arg([0, 1, 2, 3], "behaviour datasets: 0 two Gaussians, 1 three Gaussians, 2 moons, 3 circles",
                          type=int, choices=[0, 1, 2, 3])
     methods: list = arg(["bc", "soft", "hard"], "bc: diffusion behaviour cloning; soft/hard/denoised: DAC's "
@@ -451,8 +451,8 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list | None = None) -> None:
-    cfg = parse_config(argv)
     try:
+        cfg = parse_config(argv)
         summary = run(cfg)
     except KeyboardInterrupt:
         print("\ninterrupted: nothing was written (the run has no checkpoints; start it again)", file=sys.stderr)
