@@ -1,28 +1,25 @@
 """Diffusion Actor-Critic on a 2-D bandit: soft and hard Q-guidance against diffusion BC, with a verdict.
 
-Reproduces Figure 2 of Fang et al., "Diffusion Actor-Critic: Formulating Constrained Policy Iteration as
-Diffusion Noise Regression for Offline Reinforcement Learning", arXiv:2405.20555 (the official script is bandits.py
-in https://github.com/Fang-Lin93/DAC), with the paper's settings and its 20,000 steps per agent:
+Figure 2 of Fang et al., "Diffusion Actor-Critic: Formulating Constrained Policy Iteration as Diffusion Noise
+Regression for Offline Reinforcement Learning", arXiv:2405.20555 (official script: bandits.py in
+https://github.com/Fang-Lin93/DAC), with the paper's settings and its 20,000 steps per agent:
 
-    python toy_bandit.py --out /tmp/bandit                       # bc, soft, hard on 4 datasets: ~4.5 min, 2 CPU cores
-    python toy_bandit.py --methods bc soft hard denoised         # with denoised guidance, the paper's third method
+    python toy_bandit.py --out /tmp/bandit                  # bc, soft, hard on 4 datasets: ~4.5 min on 2 CPU cores
+    python toy_bandit.py --methods bc soft hard denoised    # + denoised guidance (opt-in: ~15 min more)
 
-The method (schedule, sampler, networks, losses, Adam with clipping and the cosine decay) is dac.py's; this file
-adds the bandit data, and trains every (dataset, method) agent at once: the networks of one method on the D datasets
-are D independent networks held as one, with a leading dimension of D (dac.VectorizedLinear, as dac.py's critic
-ensemble already is), and dac.py's per-agent losses are mapped over that dimension with torch.vmap. Every
-transition of a bandit ends its episode, so the critic's target is the reward alone: the critic depends on the data
-and not on the actor, and one critic ensemble per dataset serves all methods (as separate agents with the same
-seed and batches would each train the same one). All methods of a dataset see the same batches and noise.
-The whole step is compiled (torch.compile, ~1 min on 2 cores, counted in the times above); --no-fast runs eagerly.
+It writes bandit.png and bandit_summary.json and prints a verdict per dataset: soft guidance raises the mean reward
+over diffusion BC, keeps >= 75% of its samples inside the behaviour support (within 3 sigma of a centre), and hard
+guidance, without soft guidance's sqrt(1 - abar_t) factor, keeps at least 30 points fewer inside. docs/bandit.md
+has the measurements behind these choices.
 
-Denoised guidance back-propagates through all 50 denoising steps, so it is opt-in: on 2 CPU cores it adds ~15 minutes
-(38 ms a step against 10 ms for the other three methods together, and ~2 minutes of compiling).
-
-The verdict per dataset (printed and in bandit_summary.json) checks the paper's picture: soft guidance raises
-the mean reward over diffusion BC, keeps >= 75% of its samples inside the behaviour support (within 3 sigma of a
-centre), and hard guidance, which lacks soft guidance's sqrt(1 - abar_t) factor, keeps at least 30 points fewer
-inside. docs/bandit.md has the measurements behind these choices.
+How it is built. The method (schedule, sampler, networks, losses, Adam with clipping, cosine decay) is dac.py's.
+All (dataset, method) agents train at once, in one compiled step (--no-fast: eagerly): the networks of one method
+on the D datasets are D independent networks held as one, with a leading dimension of D (dac.VectorizedLinear, as
+dac.py's critic ensemble), and dac.py's per-agent losses are mapped over it with torch.vmap. Every transition of a
+bandit ends its episode, so the critic's target is the reward alone: the critic depends on the data, not on the
+actor, and one critic ensemble per dataset serves all methods. All methods of a dataset see the same batches and
+noise. Denoised guidance back-propagates through all 50 denoising steps (38 ms a step on 2 cores, against 10 ms
+for the other three methods together), hence opt-in.
 
 Differences from the official script: every agent's learning rate decays to 0 over the run (the official script
 does that only for its BC model; its DAC learners keep a 2,000,000-step horizon); moons and circles centres are
