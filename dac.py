@@ -666,11 +666,15 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds < 172_800 else f"{seconds / 86400:.1f} days"
 
 
-def progress_line(runs: list, total: int, steps_per_sec: float) -> str:
-    """What the progress bar shows, as one plain line: step, steps/s, last score(s), training time left."""
+def progress_line(runs: list, total: int, steps_per_sec: float | None) -> str:
+    """What the progress bar shows, as one plain line: step, steps/s, last score(s), training time left. None for
+    steps/s: the time since the last line went mostly into torch.compile, so no rate or time left is shown."""
     step, scores = runs[0].step, [f"{r.history[-1]['normalized_score']:.1f}" for r in runs if r.history]
-    return (f"step {step}/{total} ({100 * step / total:.1f}%), {steps_per_sec:.1f} steps/s, last score "
-            f"{', '.join(scores) or 'none yet'}, about {duration((total - step) / max(steps_per_sec, 1e-9))} left")
+    speed = ("compiling (steps/s and time left follow)" if steps_per_sec is None else
+             f"{steps_per_sec:.1f} steps/s")
+    left = "" if steps_per_sec is None else f", about {duration((total - step) / max(steps_per_sec, 1e-9))} left"
+    score = ", ".join(scores) or "none yet"
+    return f"step {step}/{total} ({100 * step / total:.1f}%), {speed}, last score {score}{left}"
 
 
 def train(cfgs: list, device: torch.device) -> None:
@@ -698,10 +702,12 @@ def train(cfgs: list, device: torch.device) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=end * len(runs), initial=sum(r.step for r in runs), unit="step", disable=None)
+    first_step = runs[0].step  # the fast path compiles during this process's first step
     try:
         while not interrupted and runs[0].step < end:
             tic = shown = time.perf_counter()
             start, stop = runs[0].step, min(end, (runs[0].step // eval_every + 1) * eval_every)
+            shown_step = start
             while not interrupted and runs[0].step < stop:
                 if fast_step is not None:
                     fast_step()
@@ -712,8 +718,11 @@ def train(cfgs: list, device: torch.device) -> None:
                     run.after_step()
                 bar.update(len(runs))
                 if bar.disable and time.perf_counter() - shown >= PROGRESS_EVERY_SECONDS:  # no terminal, no bar
-                    shown = time.perf_counter()
-                    print(progress_line(runs, end, (runs[0].step - start) / max(shown - tic, 1e-9)), flush=True)
+                    now = time.perf_counter()  # steps/s over the time since the last line
+                    compiling = fast_step is not None and shown_step == first_step
+                    rate = None if compiling else (runs[0].step - shown_step) / max(now - shown, 1e-9)
+                    print(progress_line(runs, end, rate), flush=True)
+                    shown, shown_step = now, runs[0].step
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - tic
