@@ -668,9 +668,9 @@ def duration(seconds: float) -> str:
 
 def progress_line(runs: list, total: int, steps_per_sec: float | None) -> str:
     """What the progress bar shows, as one plain line: step, steps/s, last score(s), training time left. None for
-    steps/s: the time since the last line went mostly into torch.compile, so no rate or time left is shown."""
+    steps/s: the line right after the fast path's first step, which includes torch.compile's compiling."""
     step, scores = runs[0].step, [f"{r.history[-1]['normalized_score']:.1f}" for r in runs if r.history]
-    speed = ("compiling (steps/s and time left follow)" if steps_per_sec is None else
+    speed = ("first step done, compiling included (steps/s and time left follow)" if steps_per_sec is None else
              f"{steps_per_sec:.1f} steps/s")
     left = "" if steps_per_sec is None else f", about {duration((total - step) / max(steps_per_sec, 1e-9))} left"
     score = ", ".join(scores) or "none yet"
@@ -702,7 +702,7 @@ def train(cfgs: list, device: torch.device) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=end * len(runs), initial=sum(r.step for r in runs), unit="step", disable=None)
-    first_step = runs[0].step  # the fast path compiles during this process's first step
+    first_step = runs[0].step  # the fast path compiles during this process's first step: a line of its own
     try:
         while not interrupted and runs[0].step < end:
             tic = shown = time.perf_counter()
@@ -717,10 +717,10 @@ def train(cfgs: list, device: torch.device) -> None:
                 for run in runs:
                     run.after_step()
                 bar.update(len(runs))
-                if bar.disable and time.perf_counter() - shown >= PROGRESS_EVERY_SECONDS:  # no terminal, no bar
+                compiled = fast_step is not None and runs[0].step == first_step + 1
+                if bar.disable and (compiled or time.perf_counter() - shown >= PROGRESS_EVERY_SECONDS):  # no bar
                     now = time.perf_counter()  # steps/s over the time since the last line
-                    compiling = fast_step is not None and shown_step == first_step
-                    rate = None if compiling else (runs[0].step - shown_step) / max(now - shown, 1e-9)
+                    rate = None if compiled else (runs[0].step - shown_step) / max(now - shown, 1e-9)
                     print(progress_line(runs, end, rate), flush=True)
                     shown, shown_step = now, runs[0].step
             if device.type == "cuda":

@@ -899,9 +899,10 @@ def test_plain_progress_lines_when_output_is_not_a_terminal(ws, tmp_path):
     lines = [re.fullmatch(pattern, line).groups() for line in proc.stdout.splitlines() if line.startswith("step ")]
     score = f"{progress_rows(out)[0]['normalized_score']:.1f}"  # of the evaluation at step 20
     assert lines == [(str(k), "none yet" if k <= 20 else score, str(40 - k)) for k in range(1, 41)]
-    # On the fast path the first line after start covers torch.compile's compiling: no rate, no time left.
+    # On the fast path a line follows the first step, which includes torch.compile's compiling: no rate, no time left.
     first = dac.progress_line([SimpleNamespace(step=1, history=[])], 600, None)
-    assert first == "step 1/600 (0.2%), compiling (steps/s and time left follow), last score none yet"
+    assert first == ("step 1/600 (0.2%), first step done, compiling included (steps/s and time left follow), "
+                     "last score none yet")
 
     import fcntl
     import pty
