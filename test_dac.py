@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -30,7 +29,6 @@ import subprocess
 import sys
 import time
 import warnings
-from unittest import mock
 from pathlib import Path
 from types import SimpleNamespace
 

@@ -194,7 +194,7 @@ class BanditAgents(nn.Module):
     def __init__(self, cfg: BanditConfig):
         super().__init__()
         self.hp = hp = dac.Config(**PAPER_SETTINGS, steps=cfg.steps, seed=cfg.seed)
-        self.methods, D = cfg.methods, len(cfg.datasets)
+        D = len(cfg.datasets)
         torch.manual_seed(cfg.seed)
         self.critic = DatasetCritics(1, 2, hp.hidden_dim, D, hp.num_qs)
         dac.flax_init_(self.critic)
@@ -312,8 +312,8 @@ def train(cfg: BanditConfig) -> BanditAgents:
             now = time.perf_counter()
             if bar.disable and (n == 100 or now - last_time >= PROGRESS_EVERY_SECONDS):
                 rate = (n - last_n) / (now - last_time)
-                print(f"step {n}/{cfg.steps}: the first 100 steps took {now - last_time:.0f} s (compiling included)"
-                      if n == 100 else f"step {n}/{cfg.steps}, {rate:.0f} steps/s, "
+                print(f"step {n}/{cfg.steps}: the first 100 steps took {now - last_time:.0f} s"
+                      f"{' (compiling included)' if cfg.fast else ''}" if n == 100 else f"step {n}/{cfg.steps}, {rate:.0f} steps/s, "
                                        f"about {dac.duration((cfg.steps - n) / rate)} left", flush=True)
                 last_time, last_n = now, n
     bar.close()
