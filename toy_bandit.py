@@ -5,7 +5,7 @@ Regression for Offline Reinforcement Learning", arXiv:2405.20555 (official scrip
 https://github.com/Fang-Lin93/DAC), with the paper's settings and its 20,000 steps per agent:
 
     python toy_bandit.py --out /tmp/bandit                  # bc, soft, hard on 4 datasets: ~4.5 min on 2 CPU cores
-    python toy_bandit.py --methods bc soft hard denoised    # + denoised guidance (opt-in: ~15 min more)
+    python toy_bandit.py --methods bc soft hard denoised    # + denoised guidance (opt-in: ~15 min more, est.)
 
 It writes bandit.png and bandit_summary.json and prints a verdict per dataset: soft guidance raises the mean reward
 over diffusion BC, keeps >= 75% of its samples inside the behaviour support (within 3 sigma of a centre), and hard
@@ -312,9 +312,13 @@ def train(cfg: BanditConfig) -> BanditAgents:
             now = time.perf_counter()
             if bar.disable and (n == 100 or now - last_time >= PROGRESS_EVERY_SECONDS):
                 rate = (n - last_n) / (now - last_time)
-                print(f"step {n}/{cfg.steps}: the first 100 steps took {now - last_time:.0f} s"
-                      f"{' (compiling included)' if cfg.fast else ''}" if n == 100 else f"step {n}/{cfg.steps}, {rate:.0f} steps/s, "
-                                       f"about {dac.duration((cfg.steps - n) / rate)} left", flush=True)
+                if n == 100:
+                    line = (f"step 100/{cfg.steps}: the first 100 steps took {now - last_time:.0f} s"
+                            + (" (compiling included)" if cfg.fast else ""))
+                else:
+                    left = dac.duration((cfg.steps - n) / rate)
+                    line = f"step {n}/{cfg.steps}, {rate:.0f} steps/s, about {left} left"
+                print(line, flush=True)
                 last_time, last_n = now, n
     bar.close()
     return agents
