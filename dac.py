@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import difflib
 import functools
 import hashlib
 import io
@@ -62,7 +63,8 @@ import torch.nn.functional as F
 # Config and presets
 # ======================================================================================================
 def arg(default, help, **kwargs):
-    """A Config field: its default, its --help text, and extra argparse settings (choices, type of items)."""
+    """A Config field: its default, its --help text, and extra argparse settings (choices, type of items); the first
+    field of each group of flags names it (section="...")."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=dict(help=help, **kwargs))
     return field(default=default, metadata=dict(help=help, **kwargs))
@@ -70,14 +72,13 @@ def arg(default, help, **kwargs):
 
 @dataclass
 class Config:
-    # --- task and data
     env: str = arg("hopper-medium-v2", "D4RL-style dataset name(s) (the valid names are listed at the end); each picks "
                                        "its task, preset and data. Several names: one run per name and seed",
-                   nargs="+")
+                   nargs="+", section="task and data")
     dataset: list = arg([], "D4RL-layout hdf5 files and/or Minari ids, concatenated in order (default: the --env "
                             "name's data: D4RL's cache file, else Minari)")
-    # --- run length, evaluation, output
-    steps: int = arg(2_000_000, "gradient steps (the cosine learning-rate decay spans them)")
+    steps: int = arg(2_000_000, "gradient steps (the cosine learning-rate decay spans them)",
+                     section="run length, evaluation, output")
     stop_at: int = arg(0, "stop after this many gradient steps, keeping the schedule of --steps (0: run all --steps); "
                           "a stopped run continues with --resume --stop-at N")
     eval_every: int = arg(10_000, "gradient steps between evaluations (and checkpoints)")
@@ -94,9 +95,9 @@ class Config:
     report: list = arg([], "write report.md and report.png over the runs found in these folders and exit")
     fast: bool = arg(True, "torch.compile the gradient step and acting; on CUDA also replay each as a CUDA graph "
                            "(--no-fast: plain eager PyTorch)")
-    # --- actor: diffusion policy and Q-guidance
     guidance: str = arg("soft", "Q-guidance of the actor loss ('none': plain diffusion behaviour cloning)",
-                        choices=["soft", "hard", "denoised", "none"])
+                        choices=["soft", "hard", "denoised", "none"],
+                        section="actor: diffusion policy and Q-guidance")
     T: int = arg(5, "diffusion steps")
     clip_sample: bool = arg(True, "clip the sampler's x0 estimate to [-1, 1] at every reverse step")
     eta: float = arg(1.0, "initial weight of the behaviour-cloning term (KL constraint strength)")
@@ -108,8 +109,7 @@ class Config:
     actor_ema_tau: float = arg(0.005, "EMA rate of the target actor")
     actor_ema_every: int = arg(5, "update the target actor every this many steps ...")
     actor_ema_start: int = arg(1000, "... once the step count exceeds this")
-    # --- critic: Q-ensemble with LCB target
-    num_qs: int = arg(10, "H: critics in the ensemble")
+    num_qs: int = arg(10, "H: critics in the ensemble", section="critic: Q-ensemble with LCB target")
     rho: float = arg(1.0, "LCB pessimism: target = mean_h V - rho * std_h V (default: the --env name's preset, "
                           "listed at the end; 1.0 without one)")
     q_target: str = arg("lcb", "ensemble target", choices=["lcb", "min"])
@@ -119,12 +119,11 @@ class Config:
     critic_lr: float = arg(3e-4, "critic Adam learning rate (cosine-decayed to 0)")
     tau: float = arg(0.005, "Polyak rate of the target critics")
     gamma: float = arg(0.99, "discount")
-    # --- shared
-    batch_size: int = arg(256, "transitions per gradient step")
+    batch_size: int = arg(256, "transitions per gradient step", section="shared")
     hidden_dim: int = arg(256, "width of the 3 hidden layers of every network")
     grad_clip: float = arg(1.0, "global gradient-norm clip per network")
     init: str = arg("flax", "weight initialisation: flax = the official code's (Xavier-uniform weights, zero biases), "
-                            "torch = PyTorch's nn.Linear default", choices=["flax", "torch"])
+                            "torch = PyTorch's nn.Linear initialisation", choices=["flax", "torch"])
     batch_order: str = arg("epochs", "epochs = shuffled passes over the data without replacement (the official code's "
                                      "order), random = independent uniform draws", choices=["epochs", "random"])
 
@@ -1353,17 +1352,41 @@ def integer(text: str) -> int:
     raise argparse.ArgumentTypeError(f"expected a whole number such as 2000000 or 2e6, got {text!r}")
 
 
+class FlagParser(argparse.ArgumentParser):
+    """argparse that takes flags only as written in full (--step is not taken for --steps), names the flag probably
+    meant, and reports a mistake in one line instead of under the whole usage."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            meant = [close[0] for word in unknown if word.startswith("-") for close in
+                     [difflib.get_close_matches(word.split("=")[0], self._option_string_actions, n=1)] if close]
+            hint = f" (did you mean {', '.join(meant)}?)" if meant else ""
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{hint}. Flags are taken only as written in full, "
+                       f"without abbreviations")
+        return namespace
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}. `python {self.prog} --help` lists every flag.\n")
+
+
 def config_parser(cls, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """One flag per field of a config dataclass (Config, or toy_bandit's), with the field's help and its default
-    (unless the help names it, or it is empty). Flags not given stay out of the parsed namespace, so presets can sit
-    between defaults and flags. `epilog` is shown as written."""
-    parser = argparse.ArgumentParser(description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter if epilog else
-                                     argparse.HelpFormatter)
+    (unless the help gives it as "(default: ...)", or it is empty), in groups named by the fields' `section`. Flags
+    not given stay out of the parsed namespace, so presets can sit between defaults and flags. `epilog` is shown as
+    written."""
+    parser = FlagParser(description=description, epilog=epilog,
+                        formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter)
+    group = parser
     for f in dataclasses.fields(cls):
         meta, default = dict(f.metadata), getattr(cls(), f.name)
         text = meta.pop("help")
-        if "default" not in text and default not in ("", []):
+        if "section" in meta:
+            group = parser.add_argument_group(meta.pop("section"))
+        if "(default" not in text and default not in ("", []):
             text += f" (default: {default!r})"
         kwargs = dict(default=argparse.SUPPRESS, help=text)
         if isinstance(default, bool):
@@ -1373,7 +1396,7 @@ def config_parser(cls, description: str, epilog: str | None = None) -> argparse.
             kwargs.update(nargs="+", type=integer if item is int else item, **meta)
         else:
             kwargs.update(type=integer if type(default) is int else type(default), **meta)
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
     return parser
 
 
