@@ -43,6 +43,7 @@ import io
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -91,7 +92,8 @@ class Config:
                        "folder in it per seed)")
     resume: bool = arg(False, "continue the run in --out from its checkpoint, with exactly its state and "
                               "configuration; flags given again must agree with it")
-    eval_only: str = arg("", "evaluate the agent in this checkpoint and exit")
+    eval_only: str = arg("", "evaluate the agent in this checkpoint (checkpoint.pt, or the run folder holding it) "
+                             "and exit")
     report: list = arg([], "write report.md and report.png over the runs found in these folders and exit")
     fast: bool = arg(True, "torch.compile the gradient step and acting; on CUDA also replay each as a CUDA graph "
                            "(--no-fast: plain eager PyTorch)")
@@ -1262,6 +1264,12 @@ def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None)
         ckpt = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
         saved = ckpt["config"]
     except Exception as e:  # PyTorch's own message is several lines and suggests weights_only=False: not shown
+        if data.startswith(b"PK") and not isinstance(e, pickle.UnpicklingError):  # a zip archive, as torch.save's
+            recorded = (f" Its SHA-256 in {sums.name} matches, so it was recorded after the damage." if expected
+                        else "")
+            raise UserError(f"cannot read checkpoint {path}: it is a PyTorch file, but damaged or incomplete (PyTorch: "
+                            f"{str(e).split('. ')[0]}; a file cut short by a copy or a full disk reads like this)."
+                            f"{recorded} Use an intact copy, or start a new run in another --out.") from None
         raise UserError(f"cannot read checkpoint {path}: it is not a checkpoint written by dac.py (PyTorch's "
                         f"weights-only loader, which accepts tensors and plain values only, failed with "
                         f"{type(e).__name__}). Point --out or --eval-only at a dac.py checkpoint.") from None
@@ -1293,7 +1301,9 @@ def refuse_other_configuration(path: Path, saved: dict, now: dict) -> None:
 def check_config(cfg: Config) -> None:
     """Reject values the method cannot run with, naming the flag and what it accepts."""
     if cfg.env not in ENV_NAMES:
-        raise UserError(f"unknown --env '{cfg.env}'. Valid names: {', '.join(ENV_NAMES)}.")
+        close = difflib.get_close_matches(cfg.env, ENV_NAMES, n=1)
+        raise UserError(f"unknown --env '{cfg.env}'{f' (did you mean {close[0]}?)' if close else ''}. Valid names: "
+                        f"{', '.join(ENV_NAMES)}.")
     positive = ["steps", "eval_every", "eval_episodes", "T", "num_action_samples", "num_qs", "num_next_actions",
                 "batch_size", "hidden_dim", "actor_ema_every"]
     for name in positive:
@@ -1320,7 +1330,8 @@ def check_config(cfg: Config) -> None:
 
 
 def eval_only(cfg: Config, given: set, device: torch.device) -> None:
-    ckpt = load_checkpoint(Path(cfg.eval_only), device)
+    path = Path(cfg.eval_only) / "checkpoint.pt" if Path(cfg.eval_only).is_dir() else Path(cfg.eval_only)
+    ckpt = load_checkpoint(path, device)
     saved = Config(**ckpt["config"])
     clash = [k for k in given if k not in RUN_ONLY_FIELDS and getattr(cfg, k) != getattr(saved, k)]
     if clash:
@@ -1334,7 +1345,7 @@ def eval_only(cfg: Config, given: set, device: torch.device) -> None:
     act = make_policy(agent, cfg.fast)
     result = evaluate(act, envs, saved.seed * 1_000_003 + int(agent.step), device, saved.gamma, ckpt["reward_scale"])
     envs.close()
-    result = {"checkpoint": cfg.eval_only, "step": int(agent.step), "episodes": cfg.eval_episodes,
+    result = {"checkpoint": str(path), "step": int(agent.step), "episodes": cfg.eval_episodes,
               "return_mean": float(result.returns.mean()), "return_std": float(result.returns.std()),
               "normalized_score": float(normalized_score(saved.env, result.returns).mean()),
               "eval_q_mean": result.q_mean, "eval_discounted_return": result.discounted_return,

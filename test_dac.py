@@ -1002,9 +1002,11 @@ def test_resuming_seeds_at_different_steps_together_is_refused(base_run, ws, tmp
 
 
 def test_eval_only_reproduces_the_last_evaluation(base_run, ws):
-    proc = cli(["--eval-only", base_run.out / "checkpoint.pt", "--eval-episodes", "2", "--no-fast"], ws.env)
+    """--eval-only takes the run folder as well as its checkpoint.pt."""
+    proc = cli(["--eval-only", base_run.out, "--eval-episodes", "2", "--no-fast"], ws.env)
     assert_ok(proc)
     result = json.loads(proc.stdout)
+    assert result["checkpoint"] == str(base_run.out / "checkpoint.pt")
     last = load_ckpt(base_run.out / "checkpoint.pt")["history"][-1]
     assert result["step"] == 40 and result["episodes"] == 2
     assert result["return_mean"] == pytest.approx(last["return_mean"], rel=1e-9)
@@ -1051,6 +1053,8 @@ def test_device_auto_on_the_cpu_says_how_long_a_long_run_takes(ws, tmp_path, cap
 def test_unknown_env_lists_valid_names(ws):
     assert_user_error(cli(["--env", "hopper-random-v2"], ws.env), "hopper-random-v2", "hopper-medium-v2",
                       "walker2d-medium-expert-v2", "halfcheetah-medium-replay-v2")
+    with pytest.raises(dac.UserError, match=r"unknown --env 'hoper-medium-v2' \(did you mean hopper-medium-v2\?\)"):
+        dac.parse_config(["--env", "hoper-medium-v2"])
 
 
 def test_missing_file_lists_sources_and_ways_to_provide_data(ws, tmp_path):
@@ -1265,6 +1269,18 @@ def test_checkpoint_without_checksum_is_refused_until_one_is_recorded(ws, run_co
         dac.load_checkpoint(path, CPU)
     sums.write_text(recorded)
     assert int(dac.load_checkpoint(path, CPU)["agent"]["nets"]["step"]) == 40
+
+
+def test_truncated_checkpoint_whose_checksum_was_recorded_again_is_called_incomplete(run_copy):
+    """A checkpoint cut short (a copy or a full disk), whose checksum someone recorded again after the damage: the
+    error says it is a damaged or incomplete PyTorch file, not that dac.py did not write it."""
+    path = run_copy / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    (run_copy / "checkpoint.pt.sha256").write_text(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  checkpoint.pt\n")
+    with pytest.raises(dac.UserError) as error:
+        dac.load_checkpoint(path, CPU)
+    assert "damaged or incomplete" in str(error.value) and "recorded after the damage" in str(error.value)
+    assert "not a checkpoint written by dac.py" not in str(error.value)
 
 
 def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
