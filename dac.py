@@ -48,6 +48,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -628,23 +629,30 @@ class Run:
         for value in self.metric_sums.values():
             value.zero_()
         self.metric_count, self.train_seconds = 0, 0.0
+        self.save_checkpoint()  # first: a row in progress.csv always has its checkpoint
         self.write_outputs()
-        self.save_checkpoint()
         return row
 
     def write_outputs(self) -> None:
-        with open(self.out / "progress.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=PROGRESS_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.history)
-        scores = [r["normalized_score"] for r in self.history]
-        summary = {"final_score": float(np.mean(scores[-5:])), "best_score": float(np.max(scores)),
-                   "steps": self.step, "schedule_steps": self.cfg.steps, "stop_at": self.cfg.stop_at,
-                   "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env, "seed": self.cfg.seed,
-                   "data": self.cfg.dataset or default_sources(self.cfg.env)[0], "note": score_note(self.cfg)}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot_curve(self.history, self.out / "curve.png",
-                   f"DAC {self.cfg.env} seed {self.cfg.seed}\ndata: {data_names(self.cfg)}")
+        """progress.csv, summary.json and curve.png from the history; the checkpoint holding it is already written."""
+        try:
+            with open(self.out / "progress.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=PROGRESS_COLUMNS)
+                writer.writeheader()
+                writer.writerows(self.history)
+            scores = [r["normalized_score"] for r in self.history]
+            summary = {"final_score": float(np.mean(scores[-5:])), "best_score": float(np.max(scores)),
+                       "steps": self.step, "schedule_steps": self.cfg.steps, "stop_at": self.cfg.stop_at,
+                       "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env, "seed": self.cfg.seed,
+                       "data": self.cfg.dataset or default_sources(self.cfg.env)[0], "note": score_note(self.cfg)}
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            plot_curve(self.history, self.out / "curve.png",
+                       f"DAC {self.cfg.env} seed {self.cfg.seed}\ndata: {data_names(self.cfg)}")
+        except OSError as e:
+            raise UserError(f"cannot write {e.filename or self.out} ({e.strerror or e}). The checkpoint of step "
+                            f"{self.step} was written before it and is intact: free space (or make {self.out} "
+                            f"writable), then continue with the same command + --resume, which writes the outputs "
+                            f"again.") from None
 
     def save_checkpoint(self) -> None:
         save_checkpoint(self.out / "checkpoint.pt",
@@ -1232,14 +1240,25 @@ def checksum_path(path: Path) -> Path:
 
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """Write the checkpoint and its SHA-256, each atomically: a crash while saving leaves the previous one intact."""
+    """Write the checkpoint and its SHA-256 to temporary files, then rename both over the previous pair: a crash or a
+    full disk while writing leaves the previous pair intact, and a failed write leaves no temporary file."""
     buffer = io.BytesIO()
     torch.save({"format": CHECKPOINT_FORMAT, **ckpt}, buffer)
     data = buffer.getvalue()
     checksum = f"{hashlib.sha256(data).hexdigest()}  {path.name}\n".encode()
-    for target, content in ((path, data), (checksum_path(path), checksum)):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_bytes(content)
+    files = {path: data, checksum_path(path): checksum}
+    temporary = {target: target.with_name(target.name + ".tmp") for target in files}
+    try:
+        for target, content in files.items():
+            temporary[target].write_bytes(content)
+    except OSError as e:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write checkpoint {path} ({e.strerror or e}). Nothing was replaced: the previous "
+                        f"checkpoint there, if any, is intact (with its progress.csv rows), and no temporary file is "
+                        f"left. Free space (or make {path.parent} writable), then continue with the same command + "
+                        f"--resume.") from None
+    for target, tmp in temporary.items():
         os.replace(tmp, target)
 
 
@@ -1506,6 +1525,23 @@ def distributed_launch() -> tuple:
 CPU_STEPS_PER_SEC = {True: 8.6, False: 4.6}  # fast path / eager, paper sizes, 2 CPU cores (bench/results_cpu.json)
 
 
+def check_writable(folder: Path, flag: str) -> None:
+    """Refuse, before any data is loaded, a folder that cannot be written (read-only, not a folder, no permission):
+    make it and a file in it, then remove what was made."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"{flag} {folder} cannot be written ({e.strerror or e}). The outputs go there: expected a "
+                        f"folder you can write to (made if missing). Give another {flag}, or make it writable."
+                        ) from None
+    finally:
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
 def cpu_notice(cfg: Config, device: torch.device, seeds: list) -> None:
     """--device auto found no GPU: say so, with the expected training time, when that is over an hour."""
     seconds = cfg.steps * len(seeds) / CPU_STEPS_PER_SEC[cfg.fast]
@@ -1534,6 +1570,8 @@ def main(argv: list | None = None) -> None:
         print(f"{f'rank {rank}/{world}, ' if world > 1 else ''}device: {device}"
               f"{' (fast path: CUDA graph)' if cfgs[0].fast and device.type == 'cuda' else ''}; "
               f"{len(mine)} run(s), outputs in {', '.join(c.out for c in mine) or '-'}")
+        for c in mine:
+            check_writable(Path(c.out), "--out")
         if mine:
             cpu_notice(mine[0], device, [c.seed for c in mine])
             train(mine, device)

@@ -1216,6 +1216,72 @@ def test_existing_checkpoint_is_not_overwritten_without_resume(ws, run_copy):
     assert {p.name: p.read_bytes() for p in run_copy.iterdir()} == before
 
 
+# Runs dac.main with `--out` paths under argv[1] on a read-only file system: making a folder there fails with EROFS.
+READ_ONLY_OUT = """
+import errno, os, sys
+import dac
+read_only, mkdir = sys.argv.pop(1), os.mkdir
+def refused(path, *args, **kwargs):
+    if str(path).startswith(read_only):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    return mkdir(path, *args, **kwargs)
+os.mkdir = refused
+dac.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("where", ["read-only file system", "under a file"])
+def test_unwritable_out_is_refused_before_any_data_is_loaded(ws, tmp_path, where):
+    """An --out that cannot be written is refused in one paragraph before the data load (it used to end in a
+    traceback after it), and the check leaves no folder behind."""
+    if where == "under a file":
+        (tmp_path / "a_file").write_text("")
+        out = tmp_path / "a_file" / "run"
+        proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env)
+        reason = "Not a directory"
+    else:
+        out = tmp_path / "mnt" / "run"
+        proc = cli([tmp_path / "mnt", *BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env, script=READ_ONLY_OUT)
+        reason = "Read-only file system"
+    assert_user_error(proc, f"--out {out} cannot be written ({reason})", "Give another --out")
+    assert "data:" not in proc.stdout and not (tmp_path / "mnt").exists()
+
+
+# Runs dac.main where, from gradient step argv[1] on, no file may grow past argv[2] bytes (RLIMIT_FSIZE: a write
+# beyond fails with EFBIG, as a full disk fails one with ENOSPC): the next checkpoint cannot be written.
+DISK_FULL_AFTER_STEP = """
+import resource, signal, sys
+import dac
+full_at, size = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # let the write fail with an error instead of ending the process
+after_step = dac.Run.after_step
+def filling_step(self):
+    after_step(self)
+    if self.step == full_at:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+dac.Run.after_step = filling_step
+dac.main(sys.argv[1:])
+"""
+
+
+def test_checkpoint_that_cannot_be_written_leaves_the_previous_one_and_no_temporary_file(base_run, ws, tmp_path):
+    """From step 21 no file may grow past 100 kB (the checkpoint has 257 kB), so the step-40 checkpoint fails half
+    written: one paragraph, no checkpoint.pt.tmp left, the step-20 checkpoint intact with its checksum, and no
+    progress.csv row for step 40 (a row follows its checkpoint). --resume then ends exactly as the uninterrupted run."""
+    out = tmp_path / "run"
+    args = [*BASE_RUN, "--dataset", ws.hdf5, "--out", out]
+    proc = cli(["21", "100000", *args], ws.env, script=DISK_FULL_AFTER_STEP)
+    assert_user_error(proc, f"cannot write checkpoint {out / 'checkpoint.pt'} (File too large)", "intact",
+                      "no temporary file", "--resume")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256", "config.json",
+                                                     "curve.png", "progress.csv", "summary.json"]
+    assert int(dac.load_checkpoint(out / "checkpoint.pt", CPU)["agent"]["nets"]["step"]) == 20  # checksum checked
+    assert [r["step"] for r in progress_rows(out)] == [20]
+    assert_ok(cli(["--resume", "--out", out], ws.env))
+    assert_same(load_ckpt(base_run.out / "checkpoint.pt")["agent"], load_ckpt(out / "checkpoint.pt")["agent"])
+    assert [r["step"] for r in progress_rows(out)] == [20, 40]
+
+
 def test_resume_without_checkpoint(ws, tmp_path):
     assert_user_error(cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", tmp_path / "none", "--resume"], ws.env),
                       "no checkpoint", "--resume")
