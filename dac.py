@@ -660,7 +660,8 @@ class Run:
                          "batches": self.batches.state() if self.cfg.batch_order == "epochs" else {},
                          "metric_sums": {name: value.cpu() for name, value in self.metric_sums.items()},
                          "metric_count": self.metric_count, "train_seconds": self.train_seconds,
-                         "history": self.history, "wall": self.elapsed(), "reward_scale": self.data.reward_scale})
+                         "history": self.history, "wall": self.elapsed(), "reward_scale": self.data.reward_scale,
+                         "data_files": {src: file_fingerprint(src) for src in self.cfg.dataset if is_file_source(src)}})
 
 
 PROGRESS_EVERY_SECONDS = 30.0  # output not a terminal (nohup, a cluster job, CI): a plain progress line this often
@@ -1020,10 +1021,42 @@ def default_sources(env: str) -> tuple:
     return [f"mujoco/{family}/{lv}-v0" for lv in levels], [tried]
 
 
+def is_file_source(src: str) -> bool:
+    """Whether a --dataset entry names a file (an .hdf5/.h5 name, or any existing path) rather than a Minari id."""
+    return src.endswith((".hdf5", ".h5")) or os.path.exists(src)
+
+
+@functools.lru_cache
+def file_fingerprint(path: str) -> dict:
+    """A data file's size and SHA-256, recorded in each checkpoint: --resume accepts a --dataset at another path
+    when these match."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def same_data(saved: list, now: list, recorded: dict) -> bool:
+    """Whether --dataset `now` names the data a run was trained on (`saved`, with the fingerprints `recorded` in its
+    checkpoint): entry by entry the same Minari id or path, the same file under another path, or a file whose size
+    and SHA-256 match those recorded."""
+    if len(saved) != len(now):
+        return False
+    for old, new in zip(saved, now):
+        if old == new:
+            continue
+        if not (is_file_source(old) and os.path.isfile(new)):
+            return False
+        if not (os.path.exists(old) and os.path.samefile(old, new)) and recorded.get(old) != file_fingerprint(new):
+            return False
+    return True
+
+
 def data_names(cfg: Config) -> str:
     """The data a run trains on, by name: its --dataset files (without folders) and Minari ids, or its default ones."""
     sources = cfg.dataset or default_sources(cfg.env)[0]
-    names = ", ".join(Path(s).name if s.endswith((".hdf5", ".h5")) or os.path.exists(s) else s for s in sources)
+    names = ", ".join(Path(s).name if is_file_source(s) else s for s in sources)
     return names if len(names) <= 80 else names[:77] + "..."
 
 
@@ -1048,14 +1081,18 @@ def load_dataset(cfg: Config, obs_dim: int, act_dim: int) -> dict:
     sources, looked = (cfg.dataset, []) if cfg.dataset else default_sources(cfg.env)
     parts, failed = [], []
     for src in sources:
-        is_file = src.endswith((".hdf5", ".h5")) or os.path.exists(src)
-        if is_file and not os.path.exists(src):
+        if is_file_source(src) and not os.path.exists(src):
             failed.append(f"file {src} (does not exist)")
             continue
         try:
-            parts.append((src, load_hdf5(src) if is_file else load_minari(src)))
+            parts.append((src, load_hdf5(src) if is_file_source(src) else load_minari(src)))
         except FileNotFoundError as e:
             failed.append(str(e))
+    if failed and cfg.resume and cfg.dataset:
+        raise UserError(
+            f"the data of the run in {cfg.out} is not where it was: {'; '.join(failed)}. Give its files again with "
+            f"--resume --out {cfg.out} --dataset FILE [FILE ...], at their new place: copies are accepted when their "
+            f"size and SHA-256 match those recorded in the checkpoint.")
     if failed:
         raise UserError(
             f"dataset not found for {cfg.env}. Tried: {'; '.join(looked + failed)}. Ways to provide data: pass "
@@ -1302,19 +1339,33 @@ def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None)
                         f"to detect damage), so it cannot be checked. Copy that file along with the checkpoint; "
                         f"{trust}.")
     if cfg is not None:
-        refuse_other_configuration(path, saved, dataclasses.asdict(cfg))
+        refuse_other_configuration(path, ckpt, dataclasses.asdict(cfg))
     return ckpt
 
 
-def refuse_other_configuration(path: Path, saved: dict, now: dict) -> None:
-    """Refuse to continue the checkpoint at `path` (configuration `saved`) with settings `now` that change what is
-    learned; run-only fields may differ."""
+def refuse_other_configuration(path: Path, ckpt: dict, now: dict) -> None:
+    """Refuse to continue the checkpoint at `path` with settings `now` that change what is learned; run-only fields
+    may differ, and --dataset may name the same files at other paths."""
+    saved, recorded = ckpt["config"], ckpt.get("data_files", {})
+    if "dataset" in now and not same_data(saved["dataset"], now["dataset"], recorded):
+        missing = [new for new in now["dataset"] if is_file_source(new) and not os.path.exists(new)]
+        unchecked = [old for old in saved["dataset"] if is_file_source(old) and old not in recorded]
+        trained_on = " ".join(saved["dataset"]) or "the --env name's default sources"
+        raise UserError(
+            f"--dataset {' '.join(now['dataset']) or '(none)'}: " +
+            (f"{', '.join(missing)} does not exist" if missing else
+             f"not the data the run in {path.parent} was trained on") +
+            ". With --resume, --dataset must name the run's own files: the same paths, or copies elsewhere whose "
+            "size and SHA-256 match those recorded in its checkpoint" +
+            (" (this checkpoint, from an older dac.py, has none recorded: resume it from the folder it was started "
+             "in, where its relative paths hold)" if unchecked else "") +
+            f". Or drop --dataset to use the run's own ({trained_on}).")
     differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items()
-              if k not in RUN_ONLY_FIELDS and saved.get(k) != v]
+              if k not in RUN_ONLY_FIELDS and k != "dataset" and saved.get(k) != v]
     if differ:
         raise UserError(f"checkpoint {path} comes from another configuration ({'; '.join(differ)}). Resume with "
-                        f"--resume --out FOLDER alone (the run's own configuration is used) or with flags that agree "
-                        f"with it, or start a new run in another --out.")
+                        f"--resume --out {path.parent} alone (the run's own configuration is used) or with flags that "
+                        f"agree with it, or start a new run in another --out.")
 
 
 def check_config(cfg: Config) -> None:
@@ -1469,10 +1520,10 @@ def resumed_config(given: dict) -> dict:
     if not path.exists():
         raise UserError(f"--resume: there is no checkpoint at {path}. Start without --resume, or point --out at the "
                         f"folder of the run to continue.")
-    saved = load_checkpoint(path, torch.device("cpu"))["config"]
-    refuse_other_configuration(path, saved, {k: v for k, v in given.items() if not (seeds and k == "seed")})
+    ckpt = load_checkpoint(path, torch.device("cpu"))
+    refuse_other_configuration(path, ckpt, {k: v for k, v in given.items() if not (seeds and k == "seed")})
     fields = {f.name for f in dataclasses.fields(Config)} - {"out", "resume", "seeds", "eval_only"}
-    return {**{k: v for k, v in saved.items() if k in fields}, "seeds": seeds}
+    return {**{k: v for k, v in ckpt["config"].items() if k in fields}, "seeds": seeds}
 
 
 def parse_config(argv: list | None = None) -> tuple:
@@ -1481,6 +1532,8 @@ def parse_config(argv: list | None = None) -> tuple:
     flags given)."""
     given = vars(config_parser(Config, __doc__.split("\n\n")[0], help_epilog()).parse_args(argv))
     names = set(given)
+    if "dataset" in given:  # absolute, so that the run's config.json holds from any working folder
+        given["dataset"] = [os.path.abspath(src) if is_file_source(src) else src for src in given["dataset"]]
     envs = list(dict.fromkeys(given.pop("env", [Config.env])))
     if len(envs) > 1 and given.get("dataset"):
         raise UserError(f"--dataset names the data of one --env, but {len(envs)} were given ({' '.join(envs)}). "

@@ -1199,6 +1199,40 @@ def test_resume_refuses_checkpoint_from_another_configuration(ws, run_copy):
     assert (run_copy / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_from_another_folder_and_with_the_data_moved(base_run, ws, tmp_path, capsys):
+    """A run started with a relative --dataset path records it absolute, so `--resume --out RUN` alone works from
+    any folder (it used to look for the relative path there, with no way out). Once the file is moved, --resume
+    says to name it with --dataset, accepts a copy whose size and SHA-256 match those in the checkpoint, and
+    refuses other data before loading anything. The run then ends exactly as the uninterrupted one."""
+    start, elsewhere, moved = tmp_path / "start", tmp_path / "elsewhere", tmp_path / "moved"
+    for folder in (start, elsewhere, moved):
+        folder.mkdir()
+    shutil.copy(ws.hdf5, start / "data.hdf5")
+    run = tmp_path / "run"
+    args = ["--env", "hopper-medium-v2", "--steps", "40", "--eval-every", "20", *TINY]
+    first = cli(["13", *args, "--dataset", "data.hdf5", "--out", run], ws.env, script=INTERRUPT_AFTER_STEP, cwd=start)
+    assert first.returncode == 130, first.stderr[-3000:]
+    assert json.loads((run / "config.json").read_text())["dataset"] == [str(start / "data.hdf5")]
+    second = cli(["27", "--resume", "--out", run], ws.env, script=INTERRUPT_AFTER_STEP, cwd=elsewhere)
+    assert second.returncode == 130 and "Traceback" not in second.stderr, second.stderr[-3000:]
+
+    (start / "data.hdf5").rename(moved / "copy.hdf5")
+    with pytest.raises(SystemExit) as exit_:
+        dac.main(["--resume", "--out", str(run)])
+    shown = capsys.readouterr()
+    assert_user_error(SimpleNamespace(returncode=exit_.value.code, stdout=shown.out, stderr=shown.err),
+                      f"file {start / 'data.hdf5'} (does not exist)", "--dataset", "SHA-256")
+    other = write_hdf5(moved / "other.hdf5", d4rl_arrays(seed=1))
+    for given, needle in ((other, "not the data the run"), (moved / "nothere.hdf5", "nothere.hdf5 does not exist")):
+        with pytest.raises(dac.UserError, match=needle) as error:
+            dac.parse_config(["--resume", "--out", str(run), "--dataset", str(given)])
+        assert "SHA-256" in str(error.value)
+    third = cli(["--resume", "--out", run, "--dataset", "../moved/copy.hdf5"], ws.env, cwd=elsewhere)
+    assert_ok(third)
+    assert json.loads((run / "config.json").read_text())["dataset"] == [str(moved / "copy.hdf5")]
+    assert_same(load_ckpt(base_run.out / "checkpoint.pt")["agent"], load_ckpt(run / "checkpoint.pt")["agent"])
+
+
 def test_resume_alone_in_the_default_folder(ws, base_run, tmp_path):
     """`--resume --env E` continues runs/E/seed0 with its own configuration (here a finished run: nothing to do)."""
     shutil.copytree(base_run.out, tmp_path / "runs/hopper-medium-v2/seed0")
