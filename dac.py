@@ -41,10 +41,12 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -1548,6 +1550,24 @@ def parse_config(argv: list | None = None) -> tuple:
     return cfgs, names
 
 
+def config_flags(cfg: Config, width: int = 110) -> str:
+    """The configuration as the flags that set it, a few per line (each run's config.json holds it too)."""
+    flags, lines = [], [""]
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.name in ("resume", "eval_only", "report"):  # what to do, not how to train
+            continue
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        elif value not in ("", []):
+            flags.append(" ".join([flag, *map(shlex.quote, map(str, value if isinstance(value, list) else [value]))]))
+    for flag in flags:
+        if lines[-1] and len(lines[-1]) + len(flag) > width:
+            lines.append("")
+        lines[-1] += f"  {flag}"
+    return "\n".join(lines)
+
+
 def plan_runs(cfgs: list) -> tuple:
     """Every (dataset, seed) run of a launch, with its output folder, and the folder for the launch's report (None
     for a single run): --out or runs/<env>/seed<seed> for one run; <base>/seed<seed> for several seeds of one
@@ -1619,7 +1639,7 @@ def main(argv: list | None = None) -> None:
             return eval_only(cfgs[0], given, device)
         runs, report_dir = plan_runs(cfgs)
         mine = runs[rank::world]  # round-robin over the ranks
-        print("config:", json.dumps(dataclasses.asdict(mine[0] if mine else runs[0]), indent=None))
+        print(f"config, as flags:\n{config_flags(mine[0] if mine else runs[0])}")
         print(f"{f'rank {rank}/{world}, ' if world > 1 else ''}device: {device}"
               f"{' (fast path: CUDA graph)' if cfgs[0].fast and device.type == 'cuda' else ''}; "
               f"{len(mine)} run(s), outputs in {', '.join(c.out for c in mine) or '-'}")
@@ -1655,8 +1675,15 @@ def main(argv: list | None = None) -> None:
 # Appendix: the fast path. The same gradient_step and DAC.act, compiled with torch.compile and, on CUDA,
 # captured once as CUDA graphs and replayed. Nothing of the method lives here.
 # ======================================================================================================
+def hide_profiler_warning(record: logging.LogRecord) -> bool:
+    """torch.optim.Adam.step's profiler label cannot be compiled, and torch says so once per process in a warning
+    ('Profiler record function ... will be ignored') that reads like an error; it changes nothing here."""
+    return not str(record.msg).startswith("Profiler record function")
+
+
 def fast_path_settings(device: torch.device) -> None:
     """Every global torch setting the fast path changes, in one place."""
+    logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(hide_profiler_warning)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one graph per seed
     # Every shape is fixed, so no dynamic-shape recompiles (on torch 2.11 one of them, of the frame that resumes in
     # DAC.optimise after loss.backward(), failed an assertion: "sources must not be empty for symbol").
