@@ -646,10 +646,12 @@ class Run:
             summary = {"final_score": float(np.mean(scores[-5:])), "best_score": float(np.max(scores)),
                        "steps": self.step, "schedule_steps": self.cfg.steps, "stop_at": self.cfg.stop_at,
                        "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env, "seed": self.cfg.seed,
-                       "data": self.cfg.dataset or default_sources(self.cfg.env)[0], "note": score_note(self.cfg)}
+                       "data": self.cfg.dataset or default_sources(self.cfg.env)[0],
+                       "behaviour_score": self.data.behaviour_score, "note": score_note(self.cfg)}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             plot_curve(self.history, self.out / "curve.png",
-                       f"DAC {self.cfg.env} seed {self.cfg.seed}\ndata: {data_names(self.cfg)}")
+                       f"DAC {self.cfg.env} seed {self.cfg.seed}\ndata: {data_names(self.cfg)}",
+                       self.data.behaviour_score)
         except OSError as e:
             raise UserError(f"cannot write {e.filename or self.out} ({e.strerror or e}). The checkpoint of step "
                             f"{self.step} was written before it and is intact: free space (or make {self.out} "
@@ -1071,9 +1073,13 @@ def episode_ends(d: dict) -> np.ndarray:
     return ends
 
 
-def reward_scale(rewards: np.ndarray, ends: np.ndarray) -> float:
+def episode_returns(rewards: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The return of each episode; `ends` marks their last rows."""
+    return np.add.reduceat(rewards, np.r_[0, np.flatnonzero(ends[:-1]) + 1])
+
+
+def reward_scale(returns: np.ndarray) -> float:
     """1000 / (max episode return - min episode return), the official code's locomotion reward scale."""
-    returns = np.add.reduceat(rewards, np.r_[0, np.flatnonzero(ends[:-1]) + 1])
     spread = returns.max() - returns.min()
     return 1000.0 / spread if spread > 0 else 1.0
 
@@ -1114,11 +1120,16 @@ def load_dataset(cfg: Config, obs_dim: int, act_dim: int) -> dict:
             raise UserError(f"the dataset ({', '.join(sources)}) has NaN or infinite values in '{k}'; "
                             f"clean or regenerate it.")
     d["actions"] = np.clip(d["actions"], -1 + 1e-5, 1 - 1e-5)
-    scale = reward_scale(d["rewards"], episode_ends(d))
+    returns = episode_returns(d["rewards"], episode_ends(d))
+    scale = reward_scale(returns)
     d["rewards"] = d["rewards"] * scale
-    print(f"data: {len(d['rewards'])} transitions from {', '.join(sources)}; rewards scaled by {scale:.4g}")
+    # the data's own score: its mean episode return, normalised (AntMaze's continuing-task returns are no success rate)
+    behaviour = None if family_of(cfg.env) == "antmaze" else float(normalized_score(cfg.env, returns.mean()))
+    print(f"data: {len(d['rewards'])} transitions from {', '.join(sources)}; rewards scaled by {scale:.4g}"
+          + (f"; behaviour score {behaviour:.1f}" if behaviour is not None else ""))
     return {**{k: d[k].astype(np.float32) for k in ("observations", "actions", "rewards", "next_observations",
-                                                     "terminals")}, "reward_scale": np.float32(scale)}
+                                                     "terminals")}, "reward_scale": np.float32(scale),
+            "behaviour_score": behaviour}
 
 
 class DeviceData:
@@ -1130,6 +1141,7 @@ class DeviceData:
                         ("observations", "actions", "rewards", "next_observations", "terminals")]
         self.size = len(d["rewards"])
         self.reward_scale = float(d.get("reward_scale", 1.0))  # what the rewards were multiplied by
+        self.behaviour_score = d.get("behaviour_score")  # the data's mean episode return, normalised (or None)
 
     def sample(self, batch_size: int, gen: torch.Generator) -> Batch:
         idx = torch.randint(self.size, (batch_size,), device=gen.device, generator=gen)
@@ -1183,18 +1195,27 @@ class EpochBatches:
 # ======================================================================================================
 # Outputs, checkpoints and the command line
 # ======================================================================================================
-def plot_curve(history: list, path: Path, title: str) -> None:
+def plot_curve(history: list, path: Path, title: str, behaviour_score: float | None = None) -> None:
+    """Normalised score against step on a fixed scale (-5 to 110, wider only if a score is outside), with lines at 0
+    (D4RL's random policy), 100 (its expert) and the behaviour data's score; eta below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in history]
+    steps, scores = [r["step"] for r in history], [r["normalized_score"] for r in history]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
-    ax1.plot(steps, [r["normalized_score"] for r in history], marker="o")
-    ax1.set_ylabel("normalised score\n(Gymnasium v5 task)")
+    for level in (0, 100):
+        ax1.axhline(level, color="grey", linewidth=0.8)
+    if behaviour_score is not None:
+        ax1.axhline(behaviour_score, color="tab:green", linestyle="--", label=f"behaviour data ({behaviour_score:.1f})")
+    ax1.plot(steps, scores, marker="o", label="DAC")
+    shown = [*scores, *([behaviour_score] if behaviour_score is not None else [])]
+    ax1.set_ylim(min(-5, min(shown) - 5), max(110, max(shown) + 5))
+    ax1.set_ylabel("normalised score, v5 task\n(0 random, 100 expert)")
     ax1.set_title(title)
-    ax2.plot(steps, [r["eta"] for r in history], color="tab:orange")
+    ax1.legend(fontsize=7, loc="upper left")
+    ax2.plot(steps, [r["eta"] for r in history], color="tab:orange", marker="o", markersize=3)
     ax2.set_ylabel("eta")
     ax2.set_xlabel("gradient step")
     fig.tight_layout()

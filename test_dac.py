@@ -722,10 +722,11 @@ def test_load_dataset_concatenates_clips_and_rescales_rewards(tmp_path):
         timeouts=np.zeros(4, bool)))
     cfg = dac.Config(dataset=[str(f1), str(f2)])
     d = dac.load_dataset(cfg, S, A)
-    assert len(d["rewards"]) == 7 and all(v.dtype == np.float32 for v in d.values())
+    assert len(d["rewards"]) == 7 and all(v.dtype == np.float32 for k, v in d.items() if k != "behaviour_score")
     np.testing.assert_allclose(d["rewards"], np.r_[1, 1, 1, 5, 5, 2, 2] * 1000 / 7, rtol=1e-6)
     np.testing.assert_allclose(d["actions"][0], [1 - 1e-5, -(1 - 1e-5), 0.2], rtol=1e-7)
     np.testing.assert_array_equal(d["terminals"], [0, 0, 0, 0, 1, 0, 0])
+    assert d["behaviour_score"] == pytest.approx(dac.normalized_score("hopper-medium-v2", (3 + 10 + 4) / 3))
 
 
 def test_float_terminal_and_timeout_flags_are_accepted(tmp_path):
@@ -766,7 +767,7 @@ def test_default_sources(tmp_path, monkeypatch):
 def test_curve_title_names_the_data_used(tmp_path, monkeypatch):
     """curve.png's title names the data: the --dataset files and Minari ids, else the default source found."""
     titles = []
-    monkeypatch.setattr(dac, "plot_curve", lambda history, path, title: titles.append(title))
+    monkeypatch.setattr(dac, "plot_curve", lambda history, path, title, behaviour: titles.append(title))
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
     row = {name: 1.0 for name in dac.PROGRESS_COLUMNS}
     cases = [([str(tmp_path / "mine.hdf5"), "mujoco/hopper/tiny-v0"], "mine.hdf5, mujoco/hopper/tiny-v0"),
@@ -775,9 +776,27 @@ def test_curve_title_names_the_data_used(tmp_path, monkeypatch):
         if names == "hopper_medium-v2.hdf5":
             (tmp_path / names).touch()  # D4RL's cache file comes first when it exists
         run = SimpleNamespace(cfg=dac.Config(dataset=dataset), out=tmp_path, history=[row], step=20,
-                              elapsed=lambda: 1.0)
+                              elapsed=lambda: 1.0, data=SimpleNamespace(behaviour_score=40.0))
         dac.Run.write_outputs(run)
         assert titles[-1] == f"DAC hopper-medium-v2 seed 0\ndata: {names}"
+
+
+def test_curve_shows_the_score_on_a_fixed_scale_beside_the_behaviour_data_and_zero(tmp_path, monkeypatch):
+    """Scores between 2.0 and 2.5 used to fill the whole axis, looking like a collapse. The axis now spans -5 to
+    110 (D4RL's random policy 0, expert 100), with lines at 0, 100 and the behaviour data's score; eta has markers."""
+    figures = []
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    monkeypatch.setattr("matplotlib.pyplot.close", lambda fig: None)
+    history = [{"step": 20 * k, "normalized_score": 2.0 + 0.1 * k, "eta": 1.0 + 0.01 * k} for k in range(1, 6)]
+    dac.plot_curve(history, tmp_path / "curve.png", "title", 44.5)
+    score_axis, eta_axis = figures[0].axes
+    assert score_axis.get_ylim() == (-5, 110)
+    levels = {float(line.get_ydata()[0]) for line in score_axis.get_lines() if len(set(line.get_ydata())) == 1}
+    assert levels == {0.0, 100.0, 44.5}
+    assert eta_axis.get_lines()[0].get_marker() == "o"
+    history[0]["normalized_score"] = 130.0  # a score off the usual scale widens it
+    dac.plot_curve(history, tmp_path / "curve.png", "title")
+    assert figures[1].axes[0].get_ylim() == (-5, 135)
 
 
 # ======================================================================================================
