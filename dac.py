@@ -715,7 +715,8 @@ def train(cfgs: list, device: torch.device) -> None:
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     from tqdm import tqdm
 
-    bar = tqdm(total=end * len(runs), initial=sum(r.step for r in runs), unit="step", disable=None)
+    last = {"score": f"{runs[-1].history[-1]['normalized_score']:.1f}"} if runs[-1].history else None  # resumed
+    bar = tqdm(total=end * len(runs), initial=sum(r.step for r in runs), unit="step", disable=None, postfix=last)
     first_step = runs[0].step  # the fast path compiles during this process's first step: a line of its own
     try:
         while not interrupted and runs[0].step < end:
@@ -730,6 +731,8 @@ def train(cfgs: list, device: torch.device) -> None:
                         gradient_step(run.agent, run.batches, run.metric_sums)
                 for run in runs:
                     run.after_step()
+                if runs[0].step == first_step + 1:  # the bar's rate and time left leave out the first step's
+                    bar.unpause()                   # one-time costs (compiling, on the fast path)
                 bar.update(len(runs))
                 compiled = fast_step is not None and runs[0].step == first_step + 1
                 if bar.disable and (compiled or time.perf_counter() - shown >= PROGRESS_EVERY_SECONDS):  # no bar

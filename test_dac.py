@@ -973,13 +973,23 @@ def test_plain_progress_lines_when_output_is_not_a_terminal(ws, tmp_path):
     assert first == ("step 1/600 (0.2%), first step done, compiling included (steps/s and time left follow), "
                      "last score none yet")
 
+    proc, shown = on_a_terminal(["0", *BASE_RUN, "--dataset", ws.hdf5, "--out", tmp_path / "tty"], ws.env,
+                                ONE_SECOND_STEPS)
+    assert proc.returncode == 0, shown[-3000:]
+    assert "40/40" in shown  # the bar
+    assert not [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+
+
+def on_a_terminal(args: list, env: dict, script: str) -> tuple:
+    """`python -c SCRIPT ARGS` with stderr, where tqdm draws its bar, on a terminal of 24 x 120 characters. Returns
+    the finished process (stdout captured) and everything drawn on the terminal."""
     import fcntl
     import pty
     import struct
     import termios
     import threading
 
-    terminal, stderr = pty.openpty()  # stderr, where tqdm draws, is a terminal of 24 x 120 characters
+    terminal, stderr = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     shown = []
 
@@ -995,14 +1005,44 @@ def test_plain_progress_lines_when_output_is_not_a_terminal(ws, tmp_path):
 
     reader = threading.Thread(target=drain)
     reader.start()
-    proc = cli(["0", *BASE_RUN, "--dataset", ws.hdf5, "--out", tmp_path / "tty"], ws.env, script=ONE_SECOND_STEPS,
-               capture_output=False, stdout=subprocess.PIPE, stderr=stderr)
+    proc = cli(args, env, script=script, capture_output=False, stdout=subprocess.PIPE, stderr=stderr)
     os.close(stderr)
     reader.join(timeout=30)
     os.close(terminal)
-    assert proc.returncode == 0, b"".join(shown).decode(errors="replace")[-3000:]
-    assert "40/40" in b"".join(shown).decode(errors="replace")  # the bar
-    assert not [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    return proc, b"".join(shown).decode(errors="replace")
+
+
+# Runs dac.main with a first gradient step that takes 3 seconds more, as the fast path's first step does while
+# torch.compile compiles.
+SLOW_FIRST_STEP = """
+import sys, time
+import dac
+step, calls = dac.gradient_step, []
+def slow_first(*args):
+    if not calls:
+        time.sleep(3)
+    calls.append(1)
+    step(*args)
+dac.gradient_step = slow_first
+dac.main(sys.argv[1:])
+"""
+
+
+def test_progress_bar_after_a_resume_shows_the_last_score_and_leaves_out_the_first_steps_cost(ws, tmp_path):
+    """Resumed at step 27 on a terminal: the bar shows the step-20 score from its first frame (it used to wait for
+    the next evaluation), and its time left leaves out the slow first step (compiling, on the fast path): 13 tiny
+    steps, not 13 x 3 s (it used to say 1:49:15 for a real run)."""
+    out = tmp_path / "run"
+    first = cli(["27", *BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env, script=INTERRUPT_AFTER_STEP)
+    assert first.returncode == 130, first.stderr[-3000:]
+    proc, shown = on_a_terminal(["--resume", "--out", out], ws.env, SLOW_FIRST_STEP)
+    assert proc.returncode == 0, shown[-3000:]
+    frames = [frame for frame in re.split(r"[\r\n]", shown) if "/40 [" in frame]
+    score = f"{progress_rows(out)[0]['normalized_score']:.1f}"
+    assert frames[0].startswith("27/40") or " 27/40 " in frames[0], frames
+    assert f"score={score}" in frames[0], frames
+    left = [int(m) * 60 + int(s) for m, s in re.findall(r"/40 \[\d\d:\d\d<(\d\d):(\d\d)", shown)]
+    assert left and max(left) <= 10, frames
 
 
 def test_steps_per_sec_is_right_on_the_row_that_spans_a_resume(ws, tmp_path):
