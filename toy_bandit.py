@@ -359,11 +359,14 @@ def verdict(scores: dict) -> dict:
     return {"holds": bool(checks) and all(ok for _, ok in checks), "checks": checks}
 
 
-def verdict_line(v: dict) -> str:
+def verdict_line(v: dict, steps: int) -> str:
+    """The verdict in words; after fewer than the paper's steps it says so, as the checks are set for them."""
     if not v["checks"]:
         return "no verdict (needs soft guidance)"
     head = "the paper's picture holds" if v["holds"] else "NOT SHOWN"
-    return f"{head}: " + "; ".join(f"{text} {'yes' if ok else 'NO'}" for text, ok in v["checks"])
+    paper = BanditConfig.steps
+    after = f" (after {steps:,} steps: the checks are meant for the paper's {paper:,})" if steps < paper else ""
+    return f"{head}{after}: " + "; ".join(f"{text} {'yes' if ok else 'NO'}" for text, ok in v["checks"])
 
 
 # method -> scatter style of the paper's figure (BC is not in the paper's figure)
@@ -448,7 +451,7 @@ def print_summary(summary: dict) -> None:
             print(f"{name:<16}{method:<10}{s['mean_reward']:>12.3f}{s['in_support']:>12.0%}"
                   f"{s['modes']:>7}/{s['centres']:<3}{s['eta']:>8.3f}")
     for name, d in summary["datasets"].items():
-        print(f"{name}: {verdict_line(d['verdict'])}")
+        print(f"{name}: {verdict_line(d['verdict'], summary['config']['steps'])}")
 
 
 def main(argv: list | None = None) -> None:
