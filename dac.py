@@ -49,6 +49,7 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -97,6 +98,9 @@ class Config:
                               "configuration; flags given again must agree with it")
     eval_only: str = arg("", "evaluate the agent in this checkpoint (checkpoint.pt, or the run folder holding it) "
                              "and exit")
+    video: str = arg("", "write one evaluation episode, rendered offscreen by MuJoCo, to this .gif file (or .mp4, "
+                         "with ffmpeg): with --eval-only, or at the end of training (several runs: one file each, "
+                         "its name + _<env>_seed<seed>)")
     report: list = arg([], "write report.md and report.png over the runs found in these folders and exit")
     fast: bool = arg(True, "torch.compile the gradient step and acting; on CUDA also replay each as a CUDA graph "
                            "(--no-fast: plain eager PyTorch)")
@@ -168,7 +172,8 @@ ENV_NAMES += ANTMAZE
 
 
 # Fields that may change between a run and its resumption (they do not change what is learned).
-RUN_ONLY_FIELDS = {"out", "resume", "eval_only", "report", "device", "fast", "eval_episodes", "seeds", "stop_at"}
+RUN_ONLY_FIELDS = {"out", "resume", "eval_only", "report", "device", "fast", "eval_episodes", "seeds", "stop_at",
+                   "video"}
 
 
 def family_of(env: str) -> str:
@@ -826,14 +831,15 @@ def antmaze_dataset(env: str):
             f"~/.minari/datasets into $MINARI_DATASETS_PATH here (default ~/.minari/datasets).") from None
 
 
-def antmaze_eval_env(dataset):
+def antmaze_eval_env(dataset, **render):
     """One evaluation episode's environment on AntMaze: the one the Minari dataset names (recover_environment with
     eval_env=True), made episodic as D4RL's AntMaze evaluation is. With continuing_task=False an episode ends when
     the ant is within 0.45 of the goal (Gymnasium-Robotics' info["success"]), the one step whose sparse reward is
-    1, so an episode's return is 1 if it reached the goal and 0 if not. Observations become antmaze_observation."""
+    1, so an episode's return is 1 if it reached the goal and 0 if not. Observations become antmaze_observation.
+    `render`: render_mode, width, height, for a video."""
     import gymnasium as gym
 
-    env = dataset.recover_environment(eval_env=True, continuing_task=False)
+    env = dataset.recover_environment(eval_env=True, continuing_task=False, **render)
     size = sum(space.shape[0] for space in env.observation_space.values())
     return gym.wrappers.TransformObservation(env, antmaze_observation,
                                              gym.spaces.Box(-np.inf, np.inf, (size,), np.float64))
@@ -1226,6 +1232,104 @@ def plot_curve(history: list, path: Path, title: str, behaviour_score: float | N
     plt.close(fig)
 
 
+VIDEO_SIZE = (320, 240)  # width, height in pixels
+VIDEO_FPS = 30  # about: each frame a whole number of environment steps after the last, shown in simulated time
+VIDEO_MAX_FRAMES = 300  # hopper and walker2d: a whole episode (1000 steps, every 4th); halfcheetah: its first 15 s
+
+
+def render_env(env: str):
+    """One evaluation environment of `env` that renders VIDEO_SIZE frames offscreen."""
+    import gymnasium as gym
+
+    size = dict(render_mode="rgb_array", width=VIDEO_SIZE[0], height=VIDEO_SIZE[1])
+    if family_of(env) == "antmaze":
+        return antmaze_eval_env(antmaze_dataset(env), **size)
+    return gym.make(TASKS[family_of(env)][0], **size)
+
+
+def check_video(path: Path, env: str) -> None:
+    """Refuse, before any training or evaluation, a --video that cannot be made: not .gif or .mp4, .mp4 without
+    ffmpeg, a folder that cannot be written, or no offscreen rendering (one frame is rendered to find out). On Linux
+    without MUJOCO_GL, picks EGL (GPU drivers or Mesa) if its library is installed, else OSMesa (Mesa on the CPU)."""
+    import ctypes.util
+
+    if path.suffix.lower() not in (".gif", ".mp4"):
+        raise UserError(f"--video {path}: expected a file name ending in .gif (written with Pillow) or .mp4 (with "
+                        f"ffmpeg). Name the file with one of these endings.")
+    if path.suffix.lower() == ".mp4" and not shutil.which("ffmpeg"):
+        raise UserError(f"--video {path}: an .mp4 is written by the ffmpeg program, which is not on PATH. Install it "
+                        f"(apt-get install ffmpeg, or conda install ffmpeg), or name a .gif file.")
+    check_writable(path.parent, "--video's folder")
+    if sys.platform == "linux" and not os.environ.get("MUJOCO_GL"):
+        found = [gl for gl, library in (("egl", "EGL"), ("osmesa", "OSMesa")) if ctypes.util.find_library(library)]
+        if found:
+            os.environ["MUJOCO_GL"] = found[0]  # read when MuJoCo first renders
+    try:
+        probe = render_env(env)
+        probe.reset(seed=0)
+        probe.render()
+        probe.close()
+    except UserError:
+        raise
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(
+            f"--video: MuJoCo cannot render offscreen here (MUJOCO_GL={os.environ.get('MUJOCO_GL', 'unset')}: "
+            f"{type(e).__name__}: {reason}). It needs an OpenGL backend: with an NVIDIA GPU, MUJOCO_GL=egl; on a CPU, "
+            f"Mesa's OSMesa (Debian or Ubuntu: apt-get install libosmesa6, then MUJOCO_GL=osmesa); with a display, "
+            f"MUJOCO_GL=glfw. Or drop --video and make the video later: --eval-only RUN_FOLDER --video FILE.") from None
+
+
+def record_video(agent: DAC, env: str, path: Path) -> dict:
+    """One evaluation episode of the agent's policy (DAC.act, eager), rendered: a frame at the start and every k-th
+    step after it (k steps last about 1 / VIDEO_FPS s), up to VIDEO_MAX_FRAMES frames, written to `path` as an
+    animated GIF (Pillow, one 256-colour palette) or an .mp4 (H.264, by ffmpeg) that plays in simulated time. The
+    episode has the seed of the evaluation at the agent's step: with --eval-episodes 1 it is that evaluation's
+    episode. Returns what the video shows."""
+    seed, device = agent.cfg.seed * 1_000_003 + int(agent.step), agent.step.device
+    gen, e = torch.Generator(device).manual_seed(seed), render_env(env)
+    every = max(1, round(e.metadata["render_fps"] / VIDEO_FPS))
+    obs, _ = e.reset(seed=seed)
+    frames, episode_return, steps, ended = [e.render()], 0.0, 0, False
+    while not ended and len(frames) < VIDEO_MAX_FRAMES:
+        action, _ = agent.act(torch.as_tensor(obs[None], dtype=torch.float32, device=device), gen)  # (1, A)
+        obs, reward, terminated, truncated, _ = e.step(action[0].cpu().numpy())
+        episode_return, steps, ended = episode_return + float(reward), steps + 1, terminated or truncated
+        if steps % every == 0 or ended:
+            frames.append(e.render())
+    seconds_per_frame = every / e.metadata["render_fps"]
+    e.close()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() == ".mp4":
+            height, width, _ = frames[0].shape
+            subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
+                            f"{width}x{height}", "-r", f"{1 / seconds_per_frame:g}", "-i", "-", "-pix_fmt", "yuv420p",
+                            str(path)], input=np.stack(frames).tobytes(), capture_output=True, check=True)
+        else:
+            from PIL import Image
+
+            palette = Image.fromarray(np.concatenate([frames[0], frames[len(frames) // 2], frames[-1]])).quantize(256)
+            images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
+            images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 * seconds_per_frame),
+                           loop=0)
+    except (OSError, subprocess.CalledProcessError) as e:
+        path.unlink(missing_ok=True)
+        reason = (e.stderr.decode(errors="replace").strip()[-200:] if isinstance(e, subprocess.CalledProcessError)
+                  else e.strerror or str(e))
+        raise UserError(f"--video: cannot write {path} ({reason}). The checkpoints are intact: make the video again "
+                        f"with --eval-only RUN_FOLDER --video FILE.") from None
+    return {"file": str(path), "frames": len(frames), "seconds": round(len(frames) * seconds_per_frame, 1),
+            "steps": steps, "whole_episode": ended, "return": episode_return,
+            "normalized_score": float(normalized_score(env, episode_return))}
+
+
+def video_line(video: dict) -> str:
+    shown = "the whole episode" if video["whole_episode"] else f"its first {video['steps']} steps"
+    return (f"video: {video['file']}, {video['frames']} frames ({video['seconds']} s) of one evaluation episode, "
+            f"{shown}: return {video['return']:.0f}, score {video['normalized_score']:.1f}")
+
+
 def run_record(out: Path) -> dict:
     """A finished run's results, from its output folder: configuration, evaluations, summary."""
     with open(out / "progress.csv", newline="") as f:
@@ -1425,18 +1529,27 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"--seeds has repeated values {cfg.seeds}; give each seed once.")
 
 
-def eval_only(cfg: Config, given: set, device: torch.device) -> None:
-    path = Path(cfg.eval_only) / "checkpoint.pt" if Path(cfg.eval_only).is_dir() else Path(cfg.eval_only)
+def load_agent(path: Path, device: torch.device) -> tuple:
+    """The agent in a checkpoint, and the checkpoint."""
     ckpt = load_checkpoint(path, device)
     saved = Config(**ckpt["config"])
+    torch.manual_seed(saved.seed)
+    agent = DAC(saved, *task_dims(saved.env), device)
+    agent.load_full_state(ckpt["agent"])
+    return agent, ckpt
+
+
+def eval_only(cfg: Config, given: set, device: torch.device) -> None:
+    path = Path(cfg.eval_only) / "checkpoint.pt" if Path(cfg.eval_only).is_dir() else Path(cfg.eval_only)
+    agent, ckpt = load_agent(path, device)
+    saved = agent.cfg
     clash = [k for k in given if k not in RUN_ONLY_FIELDS and getattr(cfg, k) != getattr(saved, k)]
     if clash:
         raise UserError(f"--eval-only {cfg.eval_only}: the checkpoint was trained with other settings for "
                         f"{', '.join('--' + k.replace('_', '-') for k in clash)}; drop those flags (the checkpoint's "
                         f"own configuration is used).")
-    torch.manual_seed(saved.seed)
-    agent = DAC(saved, *task_dims(saved.env), device)
-    agent.load_full_state(ckpt["agent"])
+    if cfg.video:
+        check_video(Path(cfg.video), saved.env)
     envs = make_eval_envs(saved.env, cfg.eval_episodes)
     act = make_policy(agent, cfg.fast)
     result = evaluate(act, envs, saved.seed * 1_000_003 + int(agent.step), device, saved.gamma, ckpt["reward_scale"])
@@ -1446,6 +1559,8 @@ def eval_only(cfg: Config, given: set, device: torch.device) -> None:
               "normalized_score": float(normalized_score(saved.env, result.returns).mean()),
               "eval_q_mean": result.q_mean, "eval_discounted_return": result.discounted_return,
               "eval_action_at_bound": result.action_at_bound, "note": score_note(saved)}
+    if cfg.video:
+        result["video"] = record_video(agent, saved.env, Path(cfg.video))
     print(json.dumps(result, indent=2))
 
 
@@ -1548,7 +1663,7 @@ def resumed_config(given: dict) -> dict:
                         f"folder of the run to continue.")
     ckpt = load_checkpoint(path, torch.device("cpu"))
     refuse_other_configuration(path, ckpt, {k: v for k, v in given.items() if not (seeds and k == "seed")})
-    fields = {f.name for f in dataclasses.fields(Config)} - {"out", "resume", "seeds", "eval_only"}
+    fields = {f.name for f in dataclasses.fields(Config)} - {"out", "resume", "seeds", "eval_only", "video"}
     return {**{k: v for k, v in ckpt["config"].items() if k in fields}, "seeds": seeds}
 
 
@@ -1601,8 +1716,11 @@ def plan_runs(cfgs: list) -> tuple:
     if len(cfgs) == 1 and not first.seeds:
         return [dataclasses.replace(first, out=first.out or f"runs/{first.env}/seed{first.seed}")], None
     base = first.out or (f"runs/{first.env}" if len(cfgs) == 1 else "runs")
+    video = Path(first.video)
     runs = [dataclasses.replace(cfg, seed=s, seeds=[], out=f"{base}/seed{s}" if len(cfgs) == 1
-                                else f"{base}/{cfg.env}/seed{s}") for cfg in cfgs for s in seeds]
+                                else f"{base}/{cfg.env}/seed{s}",
+                                video=first.video and str(video.with_stem(f"{video.stem}_{cfg.env}_seed{s}")))
+            for cfg in cfgs for s in seeds]
     return runs, base
 
 
@@ -1669,9 +1787,15 @@ def main(argv: list | None = None) -> None:
               f"{len(mine)} run(s), outputs in {', '.join(c.out for c in mine) or '-'}")
         for c in mine:
             check_writable(Path(c.out), "--out")
+            if c.video:
+                check_video(Path(c.video), c.env)
         if mine:
             cpu_notice(mine[0], device, [c.seed for c in mine])
             train(mine, device)
+        for c in mine:
+            if c.video:
+                print(video_line(record_video(load_agent(Path(c.out) / "checkpoint.pt", device)[0], c.env,
+                                              Path(c.video))))
         results = [run_record(Path(c.out)) for c in mine]
         if world > 1:
             import torch.distributed as dist

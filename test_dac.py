@@ -1676,6 +1676,90 @@ def test_torchrun_spreads_runs_over_processes_with_outputs_identical_to_single_r
 def test_several_envs_with_one_dataset_file_is_refused(ws):
     assert_user_error(cli(["--env", "hopper-medium-v2", "walker2d-medium-v2", "--dataset", ws.hdf5], ws.env),
                       "--dataset names the data of one --env")
+
+
+# ======================================================================================================
+# --video: one evaluation episode rendered offscreen by MuJoCo (EGL or OSMesa), as a GIF or an MP4
+# ======================================================================================================
+def skip_without_rendering(proc: subprocess.CompletedProcess) -> None:
+    """Skip, with dac.py's own reason, where MuJoCo cannot render offscreen (no EGL or OSMesa library); with
+    DAC_REQUIRE_RENDERING=1 (.ci/run, which installs OSMesa) fail instead."""
+    required = os.environ.get("DAC_REQUIRE_RENDERING")
+    if proc.returncode == 2 and "cannot render offscreen" in proc.stderr and not required:
+        pytest.skip(next(line for line in proc.stderr.splitlines() if line.startswith("error:")))
+
+
+def read_video(path: Path) -> list:
+    """The frames of a GIF (Pillow) or an MP4 (ffmpeg), as (H, W, 3) arrays."""
+    if path.suffix == ".mp4":
+        probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                                "stream=width,height", "-of", "csv=p=0", str(path)], capture_output=True, text=True)
+        width, height = map(int, probe.stdout.split(","))
+        raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                             capture_output=True).stdout
+        return list(np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3))
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "GIF" and image.info["loop"] == 0 and image.info["duration"] == 30  # 4 steps of 8 ms
+        frames = []
+        for k in range(image.n_frames):
+            image.seek(k)
+            frames.append(np.asarray(image.convert("RGB")))
+    return frames
+
+
+@pytest.mark.parametrize("kind", ["gif", "mp4"])
+def test_video_of_one_evaluation_episode(base_run, ws, tmp_path, kind):
+    """--eval-only RUN --video FILE renders one hopper episode offscreen: 320 x 240 frames, one every 4 steps (125
+    steps/s), the whole episode; with one evaluation episode it is the episode evaluated (same seed and draws)."""
+    if kind == "mp4" and not shutil.which("ffmpeg"):
+        pytest.skip("ffmpeg is not on PATH, so .mp4 is not tested here (apt-get install ffmpeg)")
+    path = tmp_path / "videos" / f"policy.{kind}"
+    proc = cli(["--eval-only", base_run.out, "--no-fast", "--eval-episodes", "1", "--video", path], ws.env)
+    skip_without_rendering(proc)
+    assert_ok(proc)
+    result = json.loads(proc.stdout)
+    video, frames = result["video"], read_video(path)
+    assert video["file"] == str(path) and video["whole_episode"] and video["steps"] >= 8
+    assert len(frames) == video["frames"] == 1 + math.ceil(video["steps"] / 4)
+    assert frames[0].shape == (240, 320, 3) and frames[0].std() > 10  # a scene, not a blank image
+    assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 1  # the hopper moved
+    assert video["return"] == pytest.approx(result["return_mean"], rel=1e-9)
+
+
+def test_video_at_the_end_of_training_one_file_per_run(ws, tmp_path):
+    """Training with --video writes the video of each run's final policy; with --seeds, one file per run."""
+    out, video = tmp_path / "group", tmp_path / "hop.gif"
+    proc = cli(["--env", "hopper-medium-v2", "--steps", "20", "--eval-every", "20", *TINY, "--eval-episodes", "1",
+                "--dataset", ws.hdf5, "--out", out, "--seeds", "0", "1", "--video", video], ws.env)
+    skip_without_rendering(proc)
+    assert_ok(proc)
+    for seed in (0, 1):
+        path = tmp_path / f"hop_hopper-medium-v2_seed{seed}.gif"
+        line = next(line for line in proc.stdout.splitlines() if line.startswith(f"video: {path},"))
+        assert f"{len(read_video(path))} frames" in line
+        last = progress_rows(out / f"seed{seed}")[-1]
+        assert f"score {last['normalized_score']:.1f}" in line  # the last evaluation's episode
+    assert not video.exists()
+
+
+def test_video_that_cannot_be_made_is_refused_before_training(ws, tmp_path, monkeypatch):
+    """A --video that is neither .gif nor .mp4, an .mp4 without ffmpeg, or a folder that cannot be written: one
+    paragraph, before the data is loaded."""
+    out = tmp_path / "run"
+    proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", out, "--video", tmp_path / "policy.avi"], ws.env)
+    assert_user_error(proc, "--video", "policy.avi", ".gif", ".mp4")
+    assert "data:" not in proc.stdout and not out.exists()
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("PATH", "")  # no ffmpeg
+    for path, needle in ((tmp_path / "policy.mp4", "ffmpeg"),
+                         (tmp_path / "a_file" / "policy.gif", "cannot be written")):
+        with pytest.raises(dac.UserError, match=needle):
+            dac.check_video(path, "hopper-medium-v2")
+
+
+# ======================================================================================================
 # AntMaze: Minari's D4RL/antmaze datasets, evaluated in Gymnasium-Robotics' AntMaze (needs gymnasium-robotics)
 # ======================================================================================================
 UMAZE_EVAL_MAP = [[1, 1, 1, 1, 1], [1, 0, 0, "r", 1], [1, 0, 1, 1, 1], [1, 0, 0, "g", 1], [1, 1, 1, 1, 1]]
