@@ -1645,7 +1645,8 @@ def help_epilog() -> str:
                       "  python dac.py --env walker2d-medium-v2 --seeds 0 1 2 3 --steps 1e6",
                       "  python dac.py --resume --out runs/hopper-medium-v2/seed0   # after Ctrl-C: the run's own "
                       "configuration",
-                      "  python dac.py --eval-only runs/hopper-medium-v2/seed0/checkpoint.pt"])
+                      "  python dac.py --eval-only runs/hopper-medium-v2/seed0 --video hopper.gif   # and see an "
+                      "episode"])
 
 
 def resumed_config(given: dict) -> dict:
