@@ -1751,3 +1751,56 @@ def test_default_run_shows_the_paper_picture_on_all_datasets(tmp_path):
     assert len(summary["datasets"]) == 4
     for name, d in summary["datasets"].items():
         assert d["verdict"]["holds"], (name, d)
+
+
+# ======================================================================================================
+# bench/official_train.py: the official JAX code trained on a local file (the smoke test needs its checkout)
+# ======================================================================================================
+def official_train():
+    sys.path.insert(0, str(REPO / "bench"))
+    import official_train
+
+    return official_train
+
+
+def test_official_train_rows_are_d4rl_qlearning_dataset():
+    """The official data preparation's first stage, d4rl.qlearning_dataset (terminate_on_end=False), restated as
+    its loop: next observation = next row, time-out rows skipped, the last row dropped."""
+    raw = d4rl_arrays(episodes=(7, 5, 6, 4))
+    raw["next_observations"][:] = 99  # qlearning_dataset ignores the file's next_observations
+    want = {k: [] for k in ("observations", "actions", "next_observations", "rewards", "terminals")}
+    for i in range(len(raw["rewards"]) - 1):
+        if raw["timeouts"][i]:
+            continue
+        for k, v in (("observations", raw["observations"][i]), ("actions", raw["actions"][i]),
+                     ("next_observations", raw["observations"][i + 1]), ("rewards", raw["rewards"][i]),
+                     ("terminals", float(raw["terminals"][i]))):
+            want[k].append(v)
+    got = official_train().qlearning_rows(raw)
+    assert len(got["rewards"]) == len(raw["rewards"]) - 1 - raw["timeouts"][:-1].sum()
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], np.array(v, dtype=got[k].dtype), err_msg=k)
+
+
+def test_official_train_smoke(ws, tmp_path):
+    """A few official gradient steps on the tiny file, JAX on the CPU. Needs DAC_OFFICIAL=<checkout of
+    https://github.com/Fang-Lin93/DAC> and jax, flax, optax, orbax-checkpoint (bench/parity_official.py's
+    versions); skipped without them."""
+    root = os.environ.get("DAC_OFFICIAL")
+    if not root:
+        pytest.skip("DAC_OFFICIAL is not set (a checkout of the official DAC code; see bench/official_train.py)")
+    pytest.importorskip("flax", reason="the official code needs jax/flax/optax/orbax (bench/parity_official.py)")
+    out = tmp_path / "official"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "official_train.py"), "--official", root, "--cpu",
+                           "--env", "hopper-medium-v2", "--dataset", str(ws.hdf5), "--stop-at", "20",
+                           "--eval-every", "10", "--eval-episodes", "1", "--out", str(out)],
+                          env=ws.env, text=True, capture_output=True, timeout=600)
+    assert_ok(proc)
+    with open(out / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [10, 20]
+    assert all(math.isfinite(float(r[k])) for r in rows for k in official_train().COLUMNS)
+    config = json.loads((out / "config.json").read_text())
+    raw = official_train().qlearning_rows(official_train().read_raw([str(ws.hdf5)]))
+    assert config["transitions"] == len(raw["rewards"])
+    assert json.loads((out / "summary.json").read_text())["steps"] == 20
