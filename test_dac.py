@@ -179,11 +179,11 @@ def load_ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def tiny_agent(**overrides) -> dac.DAC:
+def tiny_agent(reward_range=(-math.inf, math.inf), **overrides) -> dac.DAC:
     cfg = dac.Config(**{**dict(hidden_dim=16, batch_size=8, num_qs=3, num_next_actions=4, num_action_samples=5,
                                T=5, steps=100, seed=3), **overrides})
     torch.manual_seed(0)
-    return dac.DAC(cfg, S, A, CPU)
+    return dac.DAC(cfg, S, A, CPU, reward_range)
 
 
 def random_batch(B=8, seed=1) -> dac.Batch:
@@ -373,6 +373,56 @@ def test_critic_target_uses_target_actor_and_lcb_over_n_next_actions():
     v = q.reshape(H, B, N).mean(-1)  # (H, B)
     expected = batch.rew.numpy() + 0.9 * (1 - batch.terminal.numpy()) * (v.mean(0) - 1.5 * v.std(0))
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_return_range_holds_every_discounted_return_of_the_rewards():
+    """[r_min, r_max] / (1 - gamma), except that an end whose reward has the other sign is that reward itself (the
+    return of a one-step episode); gamma = 1 leaves such ends unbounded."""
+    assert dac.return_range(-1.0, 2.0, 0.9) == pytest.approx((-10.0, 20.0))
+    assert dac.return_range(0.5, 2.0, 0.9) == pytest.approx((0.5, 20.0))  # all positive: the lowest return is 0.5
+    assert dac.return_range(-3.0, -1.0, 0.9) == pytest.approx((-30.0, -1.0))
+    assert dac.return_range(0.0, 2.0, 1.0) == (0.0, math.inf) and dac.return_range(-1.0, 0.0, 1.0) == (-math.inf, 0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # returns of random episodes (1 to 400 steps) of rewards in [0.5, 2] lie inside
+        r = rng.uniform(0.5, 2.0, rng.integers(1, 400))
+        assert 0.5 <= (0.9 ** np.arange(len(r)) * r).sum() <= 20.0
+
+
+def test_clip_target_bounds_targets_on_a_crafted_batch():
+    """With --clip-target the critic target is the unclipped one clamped to return_range of the data's rewards:
+    targets from a diverged target critic (|Q'| ~ 1e6) stop at the bounds, targets inside are unchanged bit for
+    bit, and a terminal's y = r stays r even where r < r_min / (1 - gamma)."""
+    agents = {clip: tiny_agent(reward_range=(0.5, 2.0), gamma=0.9, rho=1.5, clip_target=clip) for clip in (False, True)}
+    for agent in agents.values():
+        agent.target_critic = RecordingCritic(agent.cfg.num_qs)  # Q'_h = (h + 1) s'[0] + a'[0]
+    batch = random_batch(B=6)
+    rew = torch.tensor([0.5, 2.0, 0.5, 1.0, 1.0, 0.7])
+    next_obs = batch.next_obs.clone()
+    next_obs[:, 0] = torch.tensor([1e6, 1e6, -1e6, 1e6, -1e6, 0.1])
+    terminal = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    batch = batch._replace(rew=rew, next_obs=next_obs, terminal=terminal)
+
+    y = {clip: agent.critic_target(batch) for clip, agent in agents.items()}
+    assert (agents[True].target_min.item(), agents[True].target_max.item()) == pytest.approx((0.5, 20.0))
+    assert torch.equal(y[True], y[False].clamp(0.5, 20.0))
+    assert torch.equal(y[True][:3], rew[:3])  # terminal: y = r, 0.5 included (not raised to 0.5 / (1 - 0.9) = 5)
+    assert y[False][3] > 1e5 and y[True][3] == 20.0  # a diverged next value: at the upper bound
+    assert y[False][4] < -1e5 and y[True][4] == 0.5  # ... and at the lower one
+    assert 0.5 < y[False][5] < 20.0 and y[True][5] == y[False][5]  # inside: unchanged
+
+
+def test_clip_target_changes_nothing_else():
+    """--clip-target adds two buffers, the bounds; where no target reaches them, two whole updates (networks,
+    optimisers, eta, metrics) are bit-identical to the paper's. The default agent has no such buffers."""
+    default, clipped = tiny_agent(), tiny_agent(reward_range=(-100.0, 100.0), clip_target=True)  # bounds +-1e4
+    assert set(clipped.state_dict()) - set(default.state_dict()) == {"target_min", "target_max"}
+    assert not any("target_m" in name for name in default.state_dict())
+    for seed in (1, 2):
+        assert_same(default.update(random_batch(seed=seed))._asdict(),
+                    clipped.update(random_batch(seed=seed))._asdict(), "metrics")
+    state = clipped.full_state()
+    del state["nets"]["target_min"], state["nets"]["target_max"]
+    assert_same(default.full_state(), state, "agent")
 
 
 # ======================================================================================================
@@ -1271,6 +1321,24 @@ def test_checkpoint_of_another_format_is_refused(ws, run_copy):
                       "reads format 3")
     assert_user_error(cli(["--eval-only", path, "--no-fast"], ws.env), "format 1")
     assert path.read_bytes() == before
+
+
+def test_checkpoint_from_before_the_remedies_resumes_and_evaluates(ws, run_copy):
+    """A checkpoint written before clip_target existed (its configuration lacks it) was trained without it:
+    --resume and --eval-only load it so, and it still refuses another configuration."""
+    path = run_copy / "checkpoint.pt"
+    ckpt = load_ckpt(path)
+    for name in ("clip_target",):
+        del ckpt["config"][name]
+    dac.save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "format"})
+    proc = cli(["--resume", "--out", run_copy], ws.env)
+    assert_ok(proc)
+    config = json.loads(proc.stdout.split("config:", 1)[1].splitlines()[0])
+    assert (config["clip_target"], config["steps"]) == (False, 40)
+    assert "seed 0: done" in proc.stdout
+    assert_ok(cli(["--eval-only", path, "--eval-episodes", "1", "--no-fast"], ws.env))
+    assert_user_error(cli(["--resume", "--out", run_copy, "--clip-target"], ws.env), "another configuration",
+                      "clip_target: checkpoint False, now True")
 
 
 def test_eval_only_refuses_other_settings(ws, base_run):
