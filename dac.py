@@ -27,8 +27,8 @@ Deliberate differences from the official code (README.md, "Deliberate difference
   radius 0.45 where D4RL's is 0.5), not on D4RL's mujoco-py antmaze; the network input adds the desired goal.
 * Each agent owns a torch.Generator; evaluation draws from a separate one, so it never shifts training noise.
 * The fast path on CUDA runs float32 matrix products in TF32, as JAX does by default on GPUs.
-* `--guidance none` (diffusion BC) and `--no-clip-sample` exist for ablations; `--clip-target`, off by
-  default, is a remedy for a diverging critic.
+* `--guidance none` (diffusion BC) and `--no-clip-sample` exist for ablations; `--critic-layer-norm` and
+  `--clip-target`, off by default, are remedies for a diverging critic.
 """
 
 from __future__ import annotations
@@ -120,6 +120,11 @@ class Config:
     critic_lr: float = arg(3e-4, "critic Adam learning rate (cosine-decayed to 0)")
     tau: float = arg(0.005, "Polyak rate of the target critics")
     gamma: float = arg(0.99, "discount")
+    critic_layer_norm: bool = arg(False, "LayerNorm in the critics' 3 hidden layers, between each linear map and its "
+                                         "Mish, with each critic's own scale and shift: a remedy for Q divergence in "
+                                         "offline RL (Yue et al. 2023, 'Understanding, predicting and better "
+                                         "resolving Q-value divergence in offline RL'; Ball et al. 2023, 'Efficient "
+                                         "online reinforcement learning with offline data')")
     clip_target: bool = arg(False, "clip the TD target to the range of discounted returns the data's rewards allow, "
                                    "on the training reward scale: [min r, max r] / (1 - gamma), or min r (max r) "
                                    "itself as the lower (upper) end where that is further out, since a terminal's "
@@ -291,6 +296,21 @@ class VectorizedLinear(nn.Module):
         return torch.bmm(x, self.weight) + self.bias  # (H, M, out)
 
 
+class VectorizedLayerNorm(nn.Module):
+    """LayerNorm for H ensemble members: each member's features normalised over the feature dimension, then scaled
+    and shifted by that member's own parameters, as in the vmapped critic ensembles of RLPD (Ball et al. 2023) and
+    of the official code (its EnsembleQ's `layer_norm`, off for DAC). Flax's epsilon, 1e-6. x (H, M, features)."""
+
+    def __init__(self, features: int, ensemble: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ensemble, 1, features))
+        self.bias = nn.Parameter(torch.zeros(ensemble, 1, features))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias  # (H, M, features)
+
+
 def flax_init_(net: nn.Module) -> None:
     """The official code's initialisation (Flax Dense with xavier_uniform): Xavier-uniform weights, U(-a, a) with
     a = sqrt(6 / (fan_in + fan_out)), drawn per ensemble member, and zero biases."""
@@ -302,13 +322,16 @@ def flax_init_(net: nn.Module) -> None:
 
 
 class EnsembleCritic(nn.Module):
-    """H Q-networks Q_h(s, a): 3 hidden layers, Mish, scalar output, all evaluated in one batched pass."""
+    """H Q-networks Q_h(s, a): 3 hidden layers, Mish, scalar output, all evaluated in one batched pass. With
+    layer_norm (--critic-layer-norm, not the paper's), each hidden layer is linear -> LayerNorm -> Mish: LayerNorm
+    before the activation, as Ball et al. (2023) and Yue et al. (2023) place it."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_qs: int = 10):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_qs: int = 10, layer_norm: bool = False):
         super().__init__()
-        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, num_qs), Mish(),
-                                 VectorizedLinear(hidden, hidden, num_qs), Mish(),
-                                 VectorizedLinear(hidden, hidden, num_qs), Mish(),
+        norm = lambda: [VectorizedLayerNorm(hidden, num_qs)] if layer_norm else []
+        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, num_qs), *norm(), Mish(),
+                                 VectorizedLinear(hidden, hidden, num_qs), *norm(), Mish(),
+                                 VectorizedLinear(hidden, hidden, num_qs), *norm(), Mish(),
                                  VectorizedLinear(hidden, 1, num_qs))
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -435,8 +458,8 @@ class DAC(nn.Module):
         self.cfg = cfg
         self.actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim)
         self.target_actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim)
-        self.critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs)
-        self.target_critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs)
+        self.critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs, cfg.critic_layer_norm)
+        self.target_critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs, cfg.critic_layer_norm)
         if cfg.init == "flax":
             flax_init_(self.actor)
             flax_init_(self.critic)
@@ -1251,7 +1274,7 @@ def write_report(records: list, folder: Path) -> Path:
 CHECKPOINT_FORMAT = 3  # 2: hand-written Adam's moments as buffers; 3: torch.optim.Adam's state_dicts
 # Config fields newer than some format-3 checkpoints, each with the value that trains as dac.py did before the field
 # existed: a checkpoint without the field was trained with that value, and loads as if it held it.
-ADDED_FIELDS = {"clip_target": False}
+ADDED_FIELDS = {"critic_layer_norm": False, "clip_target": False}
 
 
 def checksum_path(path: Path) -> Path:

@@ -660,6 +660,63 @@ def test_ensemble_members_are_independent_mlps():
     assert actor.time_mlp[0].in_features == 16 and sum(isinstance(m, dac.Mish) for m in actor.net) == 3
 
 
+def test_layer_norm_critic_normalises_each_member_before_its_mish():
+    """--critic-layer-norm: every hidden layer of every member is linear -> LayerNorm over its features (that
+    member's own scale and shift, epsilon 1e-6) -> Mish; the output layer has none; members stay independent."""
+    torch.manual_seed(0)
+    critic = dac.EnsembleCritic(S, A, hidden=16, num_qs=4, layer_norm=True)
+    kinds = [type(m).__name__ for m in critic.net]
+    assert kinds == ["VectorizedLinear", "VectorizedLayerNorm", "Mish"] * 3 + ["VectorizedLinear"]
+    norms = critic.net[1::3]
+    for norm in norms:
+        assert norm.weight.shape == norm.bias.shape == (4, 1, 16)  # (H, 1, features): per member
+        assert torch.equal(norm.weight, torch.ones(4, 1, 16)) and torch.equal(norm.bias, torch.zeros(4, 1, 16))
+        with torch.no_grad():  # distinct scales and shifts per member, so that sharing them would show
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.uniform_(-1.0, 1.0)
+    s, a = torch.randn(6, S), torch.randn(6, A)
+    q = critic(s, a)  # (H, M)
+    assert q.shape == (4, 6)
+    x = torch.cat([s, a], -1)
+    for h in range(4):
+        z = x
+        for i, layer in enumerate(critic.net[::3]):
+            z = z @ layer.weight[h] + layer.bias[h]
+            if i < 3:
+                mean, var = z.mean(-1, keepdim=True), z.var(-1, unbiased=False, keepdim=True)
+                z = nn.functional.mish((z - mean) / torch.sqrt(var + 1e-6) * norms[i].weight[h] + norms[i].bias[h])
+        torch.testing.assert_close(q[h], z.squeeze(-1))
+    with torch.no_grad():
+        norms[1].weight[0].add_(1.0)
+    q2 = critic(s, a)
+    assert not torch.allclose(q2[0], q[0]) and torch.equal(q2[1:], q[1:])
+
+
+def test_layer_norm_changes_only_the_critics():
+    """--critic-layer-norm adds LayerNorm parameters to the critic and the target critics and nothing else: the
+    same random draws make the actors and every linear layer as without it, and the critic's LayerNorm parameters
+    are trained (they are in its optimiser, and the target critics follow them)."""
+    default, normed = tiny_agent(), tiny_agent(critic_layer_norm=True)
+    assert_same(default.actor.state_dict(), normed.actor.state_dict(), "actor")
+    assert_same(default.target_actor.state_dict(), normed.target_actor.state_dict(), "target_actor")
+    for net in ("critic", "target_critic"):
+        linear = lambda agent: [m.state_dict() for m in getattr(agent, net).net if isinstance(m, dac.VectorizedLinear)]
+        assert_same(linear(default), linear(normed), net)
+    norms = {f"{name}.{p}" for name, m in normed.named_modules() if isinstance(m, dac.VectorizedLayerNorm)
+             for p in ("weight", "bias")}
+    assert norms == {f"{net}.net.{i}.{p}" for net in ("critic", "target_critic") for i in (1, 4, 7)
+                     for p in ("weight", "bias")}
+    assert len(normed.state_dict()) == len(default.state_dict()) + len(norms)
+    not_critic = lambda agent: {k for k in agent.state_dict() if "critic" not in k}
+    assert not_critic(default) == not_critic(normed)
+    assert not any(isinstance(m, dac.VectorizedLayerNorm) for m in default.modules())
+    norm, target_norm = normed.critic.net[4], normed.target_critic.net[4]
+    assert any(p is norm.weight for p in normed.critic_opt.param_groups[0]["params"])
+    normed.update(random_batch())
+    assert not torch.equal(norm.weight, torch.ones_like(norm.weight))
+    torch.testing.assert_close(target_norm.weight - 1, normed.cfg.tau * (norm.weight - 1))  # Polyak from ones
+
+
 def test_defaults_are_the_papers_and_presets_apply_before_flags():
     c = dac.Config()
     paper = dict(T=5, batch_size=256, actor_lr=3e-4, critic_lr=3e-4, grad_clip=1.0, gamma=0.99, steps=2_000_000,
@@ -1324,17 +1381,17 @@ def test_checkpoint_of_another_format_is_refused(ws, run_copy):
 
 
 def test_checkpoint_from_before_the_remedies_resumes_and_evaluates(ws, run_copy):
-    """A checkpoint written before clip_target existed (its configuration lacks it) was trained without it:
-    --resume and --eval-only load it so, and it still refuses another configuration."""
+    """A checkpoint written before critic_layer_norm and clip_target existed (its configuration lacks them) was
+    trained without them: --resume and --eval-only load it so, and it still refuses another configuration."""
     path = run_copy / "checkpoint.pt"
     ckpt = load_ckpt(path)
-    for name in ("clip_target",):
+    for name in ("critic_layer_norm", "clip_target"):
         del ckpt["config"][name]
     dac.save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "format"})
     proc = cli(["--resume", "--out", run_copy], ws.env)
     assert_ok(proc)
     config = json.loads(proc.stdout.split("config:", 1)[1].splitlines()[0])
-    assert (config["clip_target"], config["steps"]) == (False, 40)
+    assert (config["critic_layer_norm"], config["clip_target"], config["steps"]) == (False, False, 40)
     assert "seed 0: done" in proc.stdout
     assert_ok(cli(["--eval-only", path, "--eval-episodes", "1", "--no-fast"], ws.env))
     assert_user_error(cli(["--resume", "--out", run_copy, "--clip-target"], ws.env), "another configuration",
