@@ -860,9 +860,11 @@ def test_curve_title_names_the_data_used(tmp_path, monkeypatch):
 # ======================================================================================================
 # Fast path: the compiled step is the same function as the eager one
 # ======================================================================================================
-def test_fast_path_matches_eager_step_for_step():
+@pytest.mark.parametrize("remedies", [{}, dict(critic_layer_norm=True, clip_target=True)], ids=["paper", "remedies"])
+def test_fast_path_matches_eager_step_for_step(remedies):
     """torch.compile'd update (the fast path on CPU; on CUDA it is also replayed as a graph) gives the same
-    losses, eta and parameters as the eager update for the same seed and data, within float tolerance."""
+    losses, eta and parameters as the eager update for the same seed and data, within float tolerance; also with
+    --critic-layer-norm and --clip-target (bounds +-0.5 here, which the targets reach)."""
     rng = np.random.default_rng(0)
     arrays = {"observations": rng.normal(size=(64, S)), "next_observations": rng.normal(size=(64, S)),
               "actions": rng.uniform(-1, 1, size=(64, A)), "rewards": rng.normal(size=64),
@@ -870,7 +872,7 @@ def test_fast_path_matches_eager_step_for_step():
     data = dac.DeviceData({k: v.astype(np.float32) for k, v in arrays.items()}, CPU)
     metrics, agents = {}, {}
     for fast in (False, True):
-        agent = tiny_agent(actor_ema_start=2, actor_ema_every=1)
+        agent = tiny_agent(reward_range=(-0.005, 0.005), actor_ema_start=2, actor_ema_every=1, **remedies)
         metric_sum = {name: torch.zeros(()) for name in dac.Metrics._fields}
         step = (dac.make_fast_step([agent], [data], [metric_sum], CPU) if fast
                 else lambda: dac.gradient_step(agent, data, metric_sum))
@@ -1086,6 +1088,32 @@ def test_eval_only_reproduces_the_last_evaluation(base_run, ws):
     assert result["step"] == 40 and result["episodes"] == 2
     assert result["return_mean"] == pytest.approx(last["return_mean"], rel=1e-9)
     assert result["normalized_score"] == pytest.approx(last["normalized_score"], rel=1e-9)
+
+
+def test_cli_with_the_remedies_keeps_their_parameters_and_bounds_in_its_checkpoint(ws, tmp_path):
+    """--critic-layer-norm --clip-target from the command line: the checkpoint holds each critic's LayerNorm
+    parameters and the bounds from the data's rewards as scaled for training (all positive in the tiny data, so the
+    lower bound is min r itself); --eval-only reproduces its last evaluation; --resume without them is refused."""
+    out = tmp_path / "run"
+    proc = cli(["--env", "hopper-medium-v2", "--dataset", ws.hdf5, "--steps", "20", "--eval-every", "10", *TINY,
+                "--critic-layer-norm", "--clip-target", "--out", out], ws.env)
+    assert_ok(proc)
+    config = json.loads((out / "config.json").read_text())
+    assert config["critic_layer_norm"] is True and config["clip_target"] is True
+    ckpt = load_ckpt(out / "checkpoint.pt")
+    nets = ckpt["agent"]["nets"]
+    for net in ("critic", "target_critic"):
+        assert nets[f"{net}.net.0.weight"].shape == (3, S + A, 32)
+        assert all(nets[f"{net}.net.{i}.{p}"].shape == (3, 1, 32) for i in (1, 4, 7) for p in ("weight", "bias"))
+    rewards = dac.load_dataset(dac.Config(env="hopper-medium-v2", dataset=[str(ws.hdf5)]), S, A)["rewards"]
+    low, high = dac.return_range(float(rewards.min()), float(rewards.max()), 0.99)
+    assert low == float(rewards.min()) > 0 and high == pytest.approx(100 * float(rewards.max()))
+    assert (nets["target_min"].item(), nets["target_max"].item()) == pytest.approx((low, high), rel=1e-6)
+    proc = cli(["--eval-only", out / "checkpoint.pt", "--eval-episodes", "2", "--no-fast"], ws.env)
+    assert_ok(proc)
+    assert json.loads(proc.stdout)["return_mean"] == pytest.approx(ckpt["history"][-1]["return_mean"], rel=1e-9)
+    assert_user_error(cli(["--resume", "--out", out, "--no-critic-layer-norm"], ws.env), "another configuration",
+                      "critic_layer_norm: checkpoint True, now False")
 
 
 def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
@@ -1378,6 +1406,27 @@ def test_checkpoint_of_another_format_is_refused(ws, run_copy):
                       "reads format 3")
     assert_user_error(cli(["--eval-only", path, "--no-fast"], ws.env), "format 1")
     assert path.read_bytes() == before
+
+
+def test_remedies_checkpoint_round_trip(tmp_path):
+    """An agent with --critic-layer-norm and --clip-target, saved after 3 updates and loaded into a fresh agent
+    built without the data's reward range: networks (LayerNorm parameters included), bounds, optimisers and
+    generator come back exactly, and the next update, which clips, is the same bit for bit."""
+    agent = tiny_agent(reward_range=(-0.05, 0.05), gamma=0.9, critic_layer_norm=True, clip_target=True)  # +-0.5
+    for seed in (1, 2, 3):
+        agent.update(random_batch(seed=seed))
+    path = tmp_path / "checkpoint.pt"
+    dac.save_checkpoint(path, {"config": dataclasses.asdict(agent.cfg), "agent": agent.full_state()})
+    ckpt = dac.load_checkpoint(path, CPU, agent.cfg)
+    restored = dac.DAC(dac.Config(**ckpt["config"]), S, A, CPU)
+    restored.load_full_state(ckpt["agent"])
+    assert_same(agent.full_state(), restored.full_state(), "agent")
+    assert restored.critic.net[1].weight.shape == restored.target_critic.net[7].bias.shape == (3, 1, 16)
+    assert (restored.target_min.item(), restored.target_max.item()) == pytest.approx((-0.5, 0.5))
+    batch = random_batch(seed=4)
+    assert (batch.terminal * batch.rew.abs() > 0.5).any()  # a terminal target y = r beyond the bounds: clipped
+    assert_same(agent.update(batch)._asdict(), restored.update(batch)._asdict(), "metrics")
+    assert_same(agent.full_state(), restored.full_state(), "agent after an update")
 
 
 def test_checkpoint_from_before_the_remedies_resumes_and_evaluates(ws, run_copy):
