@@ -27,7 +27,8 @@ Deliberate differences from the official code (README.md, "Deliberate difference
   radius 0.45 where D4RL's is 0.5), not on D4RL's mujoco-py antmaze; the network input adds the desired goal.
 * Each agent owns a torch.Generator; evaluation draws from a separate one, so it never shifts training noise.
 * The fast path on CUDA runs float32 matrix products in TF32, as JAX does by default on GPUs.
-* `--guidance none` (diffusion BC) and `--no-clip-sample` exist for ablations.
+* `--guidance none` (diffusion BC) and `--no-clip-sample` exist for ablations; `--critic-layer-norm` and
+  `--clip-target`, off by default, are remedies for a diverging critic.
 """
 
 from __future__ import annotations
@@ -119,6 +120,16 @@ class Config:
     critic_lr: float = arg(3e-4, "critic Adam learning rate (cosine-decayed to 0)")
     tau: float = arg(0.005, "Polyak rate of the target critics")
     gamma: float = arg(0.99, "discount")
+    critic_layer_norm: bool = arg(False, "LayerNorm in the critics' 3 hidden layers, between each linear map and its "
+                                         "Mish, with each critic's own scale and shift: a remedy for Q divergence in "
+                                         "offline RL (Yue et al. 2023, 'Understanding, predicting and better "
+                                         "resolving Q-value divergence in offline RL'; Ball et al. 2023, 'Efficient "
+                                         "online reinforcement learning with offline data')")
+    clip_target: bool = arg(False, "clip the TD target to the range of discounted returns the data's rewards allow, "
+                                   "on the training reward scale: [min r, max r] / (1 - gamma), or min r (max r) "
+                                   "itself as the lower (upper) end where that is further out, since a terminal's "
+                                   "target is r (as Andrychowicz et al. 2017, 'Hindsight experience replay', clip "
+                                   "their critic's targets to the range of possible values)")
     # --- shared
     batch_size: int = arg(256, "transitions per gradient step")
     hidden_dim: int = arg(256, "width of the 3 hidden layers of every network")
@@ -285,6 +296,21 @@ class VectorizedLinear(nn.Module):
         return torch.bmm(x, self.weight) + self.bias  # (H, M, out)
 
 
+class VectorizedLayerNorm(nn.Module):
+    """LayerNorm for H ensemble members: each member's features normalised over the feature dimension, then scaled
+    and shifted by that member's own parameters, as in the vmapped critic ensembles of RLPD (Ball et al. 2023) and
+    of the official code (its EnsembleQ's `layer_norm`, off for DAC). Flax's epsilon, 1e-6. x (H, M, features)."""
+
+    def __init__(self, features: int, ensemble: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ensemble, 1, features))
+        self.bias = nn.Parameter(torch.zeros(ensemble, 1, features))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias  # (H, M, features)
+
+
 def flax_init_(net: nn.Module) -> None:
     """The official code's initialisation (Flax Dense with xavier_uniform): Xavier-uniform weights, U(-a, a) with
     a = sqrt(6 / (fan_in + fan_out)), drawn per ensemble member, and zero biases."""
@@ -296,13 +322,16 @@ def flax_init_(net: nn.Module) -> None:
 
 
 class EnsembleCritic(nn.Module):
-    """H Q-networks Q_h(s, a): 3 hidden layers, Mish, scalar output, all evaluated in one batched pass."""
+    """H Q-networks Q_h(s, a): 3 hidden layers, Mish, scalar output, all evaluated in one batched pass. With
+    layer_norm (--critic-layer-norm, not the paper's), each hidden layer is linear -> LayerNorm -> Mish: LayerNorm
+    before the activation, as Ball et al. (2023) and Yue et al. (2023) place it."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_qs: int = 10):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_qs: int = 10, layer_norm: bool = False):
         super().__init__()
-        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, num_qs), Mish(),
-                                 VectorizedLinear(hidden, hidden, num_qs), Mish(),
-                                 VectorizedLinear(hidden, hidden, num_qs), Mish(),
+        norm = lambda: [VectorizedLayerNorm(hidden, num_qs)] if layer_norm else []
+        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, num_qs), *norm(), Mish(),
+                                 VectorizedLinear(hidden, hidden, num_qs), *norm(), Mish(),
+                                 VectorizedLinear(hidden, hidden, num_qs), *norm(), Mish(),
                                  VectorizedLinear(hidden, 1, num_qs))
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -323,6 +352,16 @@ def ensemble_value(v: torch.Tensor, kind: str, rho: float) -> torch.Tensor:
 def td_target(reward: torch.Tensor, terminal: torch.Tensor, next_value: torch.Tensor, gamma: float):
     """y = r + gamma (1 - terminal) V(s'). All (B,)."""
     return reward + gamma * (1 - terminal) * next_value
+
+
+def return_range(r_min: float, r_max: float, gamma: float) -> tuple:
+    """The range of the discounted returns sum_k gamma^k r_k of episodes of any length >= 1 whose rewards lie in
+    [r_min, r_max] (for --clip-target, not the paper's): [min(r_min, r_min / (1 - gamma)), max(r_max, r_max /
+    (1 - gamma))], which is [r_min, r_max] / (1 - gamma) when r_min <= 0 <= r_max; were every reward positive, the
+    lowest return would be one reward, r_min (a one-step episode). A TD target y = r + gamma (1 - terminal) V(s')
+    with V(s') in this range stays in it, a terminal's y = r included."""
+    horizon = 1 / (1 - gamma) if gamma < 1 else math.inf  # sum_k gamma^k
+    return (r_min if r_min >= 0 else r_min * horizon), (r_max if r_max <= 0 else r_max * horizon)
 
 
 def critic_loss(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -410,13 +449,17 @@ class DAC(nn.Module):
     """Actor, target actor (EMA), critic ensemble, target critics, eta and the step count, plus the two Adam
     optimisers. `update` is one whole gradient step."""
 
-    def __init__(self, cfg: Config, obs_dim: int, act_dim: int, device: torch.device):
+    def __init__(self, cfg: Config, obs_dim: int, act_dim: int, device: torch.device,
+                 reward_range: tuple = (-math.inf, math.inf)):
+        """reward_range: the lowest and highest reward of the training data, as scaled for training; with
+        clip_target the TD target's bounds come from it (unbounded without it: for an agent about to load a
+        checkpoint, which holds the bounds)."""
         super().__init__()
         self.cfg = cfg
         self.actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim)
         self.target_actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim)
-        self.critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs)
-        self.target_critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs)
+        self.critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs, cfg.critic_layer_norm)
+        self.target_critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs, cfg.critic_layer_norm)
         if cfg.init == "flax":
             flax_init_(self.actor)
             flax_init_(self.critic)
@@ -428,6 +471,10 @@ class DAC(nn.Module):
             self.register_buffer(name, value)
         self.register_buffer("eta", torch.tensor(float(cfg.eta)))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))  # gradient steps taken
+        if cfg.clip_target:  # the TD target's bounds, kept on the device and in checkpoints with the networks
+            low, high = return_range(*reward_range, cfg.gamma)
+            self.register_buffer("target_min", torch.tensor(float(low)))
+            self.register_buffer("target_max", torch.tensor(float(high)))
         self.to(device)
         self.gen = torch.Generator(device).manual_seed(cfg.seed)  # all of this agent's training randomness
         # The learning rates are tensors, set from the cosine schedule inside `update`, so that a step replayed
@@ -454,14 +501,15 @@ class DAC(nn.Module):
     @torch.no_grad()
     def critic_target(self, batch: Batch) -> torch.Tensor:
         """y = r + gamma (1 - terminal) LCB_h(mean_n Q'_h(s', a'_n)), a'_n ~ the target actor (N per state); with
-        next_action_max, max_n in place of mean_n (the official code's AntMaze backup). (B,)"""
+        next_action_max, max_n in place of mean_n (the official code's AntMaze backup); with clip_target, y clipped
+        to return_range of the data's rewards. (B,)"""
         B, N, H = batch.obs.shape[0], self.cfg.num_next_actions, self.cfg.num_qs
         s2 = batch.next_obs.repeat_interleave(N, dim=0)  # (B*N, S)
         a2 = ddpm_sample(self.target_actor, s2, self.sched, self.gen, self.cfg.clip_sample)  # (B*N, A)
         q2 = self.target_critic(s2, a2).view(H, B, N)  # (H, B, N)
         v2 = q2.amax(-1) if self.cfg.next_action_max else q2.mean(-1)  # (H, B)
-        return td_target(batch.rew, batch.terminal, ensemble_value(v2, self.cfg.q_target, self.cfg.rho),
-                         self.cfg.gamma)
+        y = td_target(batch.rew, batch.terminal, ensemble_value(v2, self.cfg.q_target, self.cfg.rho), self.cfg.gamma)
+        return y.clamp(self.target_min, self.target_max) if self.cfg.clip_target else y
 
     def update(self, batch: Batch) -> Metrics:
         """One gradient step: critic, target critics, actor, eta, target actor."""
@@ -560,7 +608,7 @@ class Run:
     def __init__(self, cfg: Config, data: DeviceData, dims: tuple, device: torch.device):
         self.cfg, self.data, self.out = cfg, data, Path(cfg.out)
         torch.manual_seed(cfg.seed)  # network initialisation
-        self.agent = DAC(cfg, *dims, device)
+        self.agent = DAC(cfg, *dims, device, data.reward_range)
         self.batches = EpochBatches(data, cfg.batch_size, cfg.seed) if cfg.batch_order == "epochs" else data
         self.metric_sums = {name: torch.zeros((), device=device) for name in Metrics._fields}
         self.metric_count, self.history, self.wall_seconds = 0, [], 0.0
@@ -1082,6 +1130,7 @@ class DeviceData:
                         ("observations", "actions", "rewards", "next_observations", "terminals")]
         self.size = len(d["rewards"])
         self.reward_scale = float(d.get("reward_scale", 1.0))  # what the rewards were multiplied by
+        self.reward_range = float(d["rewards"].min()), float(d["rewards"].max())  # as scaled; for --clip-target
 
     def sample(self, batch_size: int, gen: torch.Generator) -> Batch:
         idx = torch.randint(self.size, (batch_size,), device=gen.device, generator=gen)
@@ -1223,6 +1272,9 @@ def write_report(records: list, folder: Path) -> Path:
 
 
 CHECKPOINT_FORMAT = 3  # 2: hand-written Adam's moments as buffers; 3: torch.optim.Adam's state_dicts
+# Config fields newer than some format-3 checkpoints, each with the value that trains as dac.py did before the field
+# existed: a checkpoint without the field was trained with that value, and loads as if it held it.
+ADDED_FIELDS = {"critic_layer_norm": False, "clip_target": False}
 
 
 def checksum_path(path: Path) -> Path:
@@ -1271,6 +1323,8 @@ def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None)
         raise UserError(f"checkpoint {path} has format {fmt}, written by another version of "
                         f"dac.py; this one reads format {CHECKPOINT_FORMAT}. Resume or evaluate it with the dac.py "
                         f"that wrote it, or start a new run in another --out.")
+    for name, value in ADDED_FIELDS.items():
+        saved.setdefault(name, value)
     if expected is None:
         raise UserError(f"checkpoint {path} has no {sums.name} beside it (dac.py writes one with every checkpoint, "
                         f"to detect damage), so it cannot be checked. Copy that file along with the checkpoint; "

@@ -179,11 +179,11 @@ def load_ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def tiny_agent(**overrides) -> dac.DAC:
+def tiny_agent(reward_range=(-math.inf, math.inf), **overrides) -> dac.DAC:
     cfg = dac.Config(**{**dict(hidden_dim=16, batch_size=8, num_qs=3, num_next_actions=4, num_action_samples=5,
                                T=5, steps=100, seed=3), **overrides})
     torch.manual_seed(0)
-    return dac.DAC(cfg, S, A, CPU)
+    return dac.DAC(cfg, S, A, CPU, reward_range)
 
 
 def random_batch(B=8, seed=1) -> dac.Batch:
@@ -373,6 +373,56 @@ def test_critic_target_uses_target_actor_and_lcb_over_n_next_actions():
     v = q.reshape(H, B, N).mean(-1)  # (H, B)
     expected = batch.rew.numpy() + 0.9 * (1 - batch.terminal.numpy()) * (v.mean(0) - 1.5 * v.std(0))
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_return_range_holds_every_discounted_return_of_the_rewards():
+    """[r_min, r_max] / (1 - gamma), except that an end whose reward has the other sign is that reward itself (the
+    return of a one-step episode); gamma = 1 leaves such ends unbounded."""
+    assert dac.return_range(-1.0, 2.0, 0.9) == pytest.approx((-10.0, 20.0))
+    assert dac.return_range(0.5, 2.0, 0.9) == pytest.approx((0.5, 20.0))  # all positive: the lowest return is 0.5
+    assert dac.return_range(-3.0, -1.0, 0.9) == pytest.approx((-30.0, -1.0))
+    assert dac.return_range(0.0, 2.0, 1.0) == (0.0, math.inf) and dac.return_range(-1.0, 0.0, 1.0) == (-math.inf, 0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # returns of random episodes (1 to 400 steps) of rewards in [0.5, 2] lie inside
+        r = rng.uniform(0.5, 2.0, rng.integers(1, 400))
+        assert 0.5 <= (0.9 ** np.arange(len(r)) * r).sum() <= 20.0
+
+
+def test_clip_target_bounds_targets_on_a_crafted_batch():
+    """With --clip-target the critic target is the unclipped one clamped to return_range of the data's rewards:
+    targets from a diverged target critic (|Q'| ~ 1e6) stop at the bounds, targets inside are unchanged bit for
+    bit, and a terminal's y = r stays r even where r < r_min / (1 - gamma)."""
+    agents = {clip: tiny_agent(reward_range=(0.5, 2.0), gamma=0.9, rho=1.5, clip_target=clip) for clip in (False, True)}
+    for agent in agents.values():
+        agent.target_critic = RecordingCritic(agent.cfg.num_qs)  # Q'_h = (h + 1) s'[0] + a'[0]
+    batch = random_batch(B=6)
+    rew = torch.tensor([0.5, 2.0, 0.5, 1.0, 1.0, 0.7])
+    next_obs = batch.next_obs.clone()
+    next_obs[:, 0] = torch.tensor([1e6, 1e6, -1e6, 1e6, -1e6, 0.1])
+    terminal = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    batch = batch._replace(rew=rew, next_obs=next_obs, terminal=terminal)
+
+    y = {clip: agent.critic_target(batch) for clip, agent in agents.items()}
+    assert (agents[True].target_min.item(), agents[True].target_max.item()) == pytest.approx((0.5, 20.0))
+    assert torch.equal(y[True], y[False].clamp(0.5, 20.0))
+    assert torch.equal(y[True][:3], rew[:3])  # terminal: y = r, 0.5 included (not raised to 0.5 / (1 - 0.9) = 5)
+    assert y[False][3] > 1e5 and y[True][3] == 20.0  # a diverged next value: at the upper bound
+    assert y[False][4] < -1e5 and y[True][4] == 0.5  # ... and at the lower one
+    assert 0.5 < y[False][5] < 20.0 and y[True][5] == y[False][5]  # inside: unchanged
+
+
+def test_clip_target_changes_nothing_else():
+    """--clip-target adds two buffers, the bounds; where no target reaches them, two whole updates (networks,
+    optimisers, eta, metrics) are bit-identical to the paper's. The default agent has no such buffers."""
+    default, clipped = tiny_agent(), tiny_agent(reward_range=(-100.0, 100.0), clip_target=True)  # bounds +-1e4
+    assert set(clipped.state_dict()) - set(default.state_dict()) == {"target_min", "target_max"}
+    assert not any("target_m" in name for name in default.state_dict())
+    for seed in (1, 2):
+        assert_same(default.update(random_batch(seed=seed))._asdict(),
+                    clipped.update(random_batch(seed=seed))._asdict(), "metrics")
+    state = clipped.full_state()
+    del state["nets"]["target_min"], state["nets"]["target_max"]
+    assert_same(default.full_state(), state, "agent")
 
 
 # ======================================================================================================
@@ -610,6 +660,63 @@ def test_ensemble_members_are_independent_mlps():
     assert actor.time_mlp[0].in_features == 16 and sum(isinstance(m, dac.Mish) for m in actor.net) == 3
 
 
+def test_layer_norm_critic_normalises_each_member_before_its_mish():
+    """--critic-layer-norm: every hidden layer of every member is linear -> LayerNorm over its features (that
+    member's own scale and shift, epsilon 1e-6) -> Mish; the output layer has none; members stay independent."""
+    torch.manual_seed(0)
+    critic = dac.EnsembleCritic(S, A, hidden=16, num_qs=4, layer_norm=True)
+    kinds = [type(m).__name__ for m in critic.net]
+    assert kinds == ["VectorizedLinear", "VectorizedLayerNorm", "Mish"] * 3 + ["VectorizedLinear"]
+    norms = critic.net[1::3]
+    for norm in norms:
+        assert norm.weight.shape == norm.bias.shape == (4, 1, 16)  # (H, 1, features): per member
+        assert torch.equal(norm.weight, torch.ones(4, 1, 16)) and torch.equal(norm.bias, torch.zeros(4, 1, 16))
+        with torch.no_grad():  # distinct scales and shifts per member, so that sharing them would show
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.uniform_(-1.0, 1.0)
+    s, a = torch.randn(6, S), torch.randn(6, A)
+    q = critic(s, a)  # (H, M)
+    assert q.shape == (4, 6)
+    x = torch.cat([s, a], -1)
+    for h in range(4):
+        z = x
+        for i, layer in enumerate(critic.net[::3]):
+            z = z @ layer.weight[h] + layer.bias[h]
+            if i < 3:
+                mean, var = z.mean(-1, keepdim=True), z.var(-1, unbiased=False, keepdim=True)
+                z = nn.functional.mish((z - mean) / torch.sqrt(var + 1e-6) * norms[i].weight[h] + norms[i].bias[h])
+        torch.testing.assert_close(q[h], z.squeeze(-1))
+    with torch.no_grad():
+        norms[1].weight[0].add_(1.0)
+    q2 = critic(s, a)
+    assert not torch.allclose(q2[0], q[0]) and torch.equal(q2[1:], q[1:])
+
+
+def test_layer_norm_changes_only_the_critics():
+    """--critic-layer-norm adds LayerNorm parameters to the critic and the target critics and nothing else: the
+    same random draws make the actors and every linear layer as without it, and the critic's LayerNorm parameters
+    are trained (they are in its optimiser, and the target critics follow them)."""
+    default, normed = tiny_agent(), tiny_agent(critic_layer_norm=True)
+    assert_same(default.actor.state_dict(), normed.actor.state_dict(), "actor")
+    assert_same(default.target_actor.state_dict(), normed.target_actor.state_dict(), "target_actor")
+    for net in ("critic", "target_critic"):
+        linear = lambda agent: [m.state_dict() for m in getattr(agent, net).net if isinstance(m, dac.VectorizedLinear)]
+        assert_same(linear(default), linear(normed), net)
+    norms = {f"{name}.{p}" for name, m in normed.named_modules() if isinstance(m, dac.VectorizedLayerNorm)
+             for p in ("weight", "bias")}
+    assert norms == {f"{net}.net.{i}.{p}" for net in ("critic", "target_critic") for i in (1, 4, 7)
+                     for p in ("weight", "bias")}
+    assert len(normed.state_dict()) == len(default.state_dict()) + len(norms)
+    not_critic = lambda agent: {k for k in agent.state_dict() if "critic" not in k}
+    assert not_critic(default) == not_critic(normed)
+    assert not any(isinstance(m, dac.VectorizedLayerNorm) for m in default.modules())
+    norm, target_norm = normed.critic.net[4], normed.target_critic.net[4]
+    assert any(p is norm.weight for p in normed.critic_opt.param_groups[0]["params"])
+    normed.update(random_batch())
+    assert not torch.equal(norm.weight, torch.ones_like(norm.weight))
+    torch.testing.assert_close(target_norm.weight - 1, normed.cfg.tau * (norm.weight - 1))  # Polyak from ones
+
+
 def test_defaults_are_the_papers_and_presets_apply_before_flags():
     c = dac.Config()
     paper = dict(T=5, batch_size=256, actor_lr=3e-4, critic_lr=3e-4, grad_clip=1.0, gamma=0.99, steps=2_000_000,
@@ -753,9 +860,11 @@ def test_curve_title_names_the_data_used(tmp_path, monkeypatch):
 # ======================================================================================================
 # Fast path: the compiled step is the same function as the eager one
 # ======================================================================================================
-def test_fast_path_matches_eager_step_for_step():
+@pytest.mark.parametrize("remedies", [{}, dict(critic_layer_norm=True, clip_target=True)], ids=["paper", "remedies"])
+def test_fast_path_matches_eager_step_for_step(remedies):
     """torch.compile'd update (the fast path on CPU; on CUDA it is also replayed as a graph) gives the same
-    losses, eta and parameters as the eager update for the same seed and data, within float tolerance."""
+    losses, eta and parameters as the eager update for the same seed and data, within float tolerance; also with
+    --critic-layer-norm and --clip-target (bounds +-0.5 here, which the targets reach)."""
     rng = np.random.default_rng(0)
     arrays = {"observations": rng.normal(size=(64, S)), "next_observations": rng.normal(size=(64, S)),
               "actions": rng.uniform(-1, 1, size=(64, A)), "rewards": rng.normal(size=64),
@@ -763,7 +872,7 @@ def test_fast_path_matches_eager_step_for_step():
     data = dac.DeviceData({k: v.astype(np.float32) for k, v in arrays.items()}, CPU)
     metrics, agents = {}, {}
     for fast in (False, True):
-        agent = tiny_agent(actor_ema_start=2, actor_ema_every=1)
+        agent = tiny_agent(reward_range=(-0.005, 0.005), actor_ema_start=2, actor_ema_every=1, **remedies)
         metric_sum = {name: torch.zeros(()) for name in dac.Metrics._fields}
         step = (dac.make_fast_step([agent], [data], [metric_sum], CPU) if fast
                 else lambda: dac.gradient_step(agent, data, metric_sum))
@@ -979,6 +1088,32 @@ def test_eval_only_reproduces_the_last_evaluation(base_run, ws):
     assert result["step"] == 40 and result["episodes"] == 2
     assert result["return_mean"] == pytest.approx(last["return_mean"], rel=1e-9)
     assert result["normalized_score"] == pytest.approx(last["normalized_score"], rel=1e-9)
+
+
+def test_cli_with_the_remedies_keeps_their_parameters_and_bounds_in_its_checkpoint(ws, tmp_path):
+    """--critic-layer-norm --clip-target from the command line: the checkpoint holds each critic's LayerNorm
+    parameters and the bounds from the data's rewards as scaled for training (all positive in the tiny data, so the
+    lower bound is min r itself); --eval-only reproduces its last evaluation; --resume without them is refused."""
+    out = tmp_path / "run"
+    proc = cli(["--env", "hopper-medium-v2", "--dataset", ws.hdf5, "--steps", "20", "--eval-every", "10", *TINY,
+                "--critic-layer-norm", "--clip-target", "--out", out], ws.env)
+    assert_ok(proc)
+    config = json.loads((out / "config.json").read_text())
+    assert config["critic_layer_norm"] is True and config["clip_target"] is True
+    ckpt = load_ckpt(out / "checkpoint.pt")
+    nets = ckpt["agent"]["nets"]
+    for net in ("critic", "target_critic"):
+        assert nets[f"{net}.net.0.weight"].shape == (3, S + A, 32)
+        assert all(nets[f"{net}.net.{i}.{p}"].shape == (3, 1, 32) for i in (1, 4, 7) for p in ("weight", "bias"))
+    rewards = dac.load_dataset(dac.Config(env="hopper-medium-v2", dataset=[str(ws.hdf5)]), S, A)["rewards"]
+    low, high = dac.return_range(float(rewards.min()), float(rewards.max()), 0.99)
+    assert low == float(rewards.min()) > 0 and high == pytest.approx(100 * float(rewards.max()))
+    assert (nets["target_min"].item(), nets["target_max"].item()) == pytest.approx((low, high), rel=1e-6)
+    proc = cli(["--eval-only", out / "checkpoint.pt", "--eval-episodes", "2", "--no-fast"], ws.env)
+    assert_ok(proc)
+    assert json.loads(proc.stdout)["return_mean"] == pytest.approx(ckpt["history"][-1]["return_mean"], rel=1e-9)
+    assert_user_error(cli(["--resume", "--out", out, "--no-critic-layer-norm"], ws.env), "another configuration",
+                      "critic_layer_norm: checkpoint True, now False")
 
 
 def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
@@ -1271,6 +1406,45 @@ def test_checkpoint_of_another_format_is_refused(ws, run_copy):
                       "reads format 3")
     assert_user_error(cli(["--eval-only", path, "--no-fast"], ws.env), "format 1")
     assert path.read_bytes() == before
+
+
+def test_remedies_checkpoint_round_trip(tmp_path):
+    """An agent with --critic-layer-norm and --clip-target, saved after 3 updates and loaded into a fresh agent
+    built without the data's reward range: networks (LayerNorm parameters included), bounds, optimisers and
+    generator come back exactly, and the next update, which clips, is the same bit for bit."""
+    agent = tiny_agent(reward_range=(-0.05, 0.05), gamma=0.9, critic_layer_norm=True, clip_target=True)  # +-0.5
+    for seed in (1, 2, 3):
+        agent.update(random_batch(seed=seed))
+    path = tmp_path / "checkpoint.pt"
+    dac.save_checkpoint(path, {"config": dataclasses.asdict(agent.cfg), "agent": agent.full_state()})
+    ckpt = dac.load_checkpoint(path, CPU, agent.cfg)
+    restored = dac.DAC(dac.Config(**ckpt["config"]), S, A, CPU)
+    restored.load_full_state(ckpt["agent"])
+    assert_same(agent.full_state(), restored.full_state(), "agent")
+    assert restored.critic.net[1].weight.shape == restored.target_critic.net[7].bias.shape == (3, 1, 16)
+    assert (restored.target_min.item(), restored.target_max.item()) == pytest.approx((-0.5, 0.5))
+    batch = random_batch(seed=4)
+    assert (batch.terminal * batch.rew.abs() > 0.5).any()  # a terminal target y = r beyond the bounds: clipped
+    assert_same(agent.update(batch)._asdict(), restored.update(batch)._asdict(), "metrics")
+    assert_same(agent.full_state(), restored.full_state(), "agent after an update")
+
+
+def test_checkpoint_from_before_the_remedies_resumes_and_evaluates(ws, run_copy):
+    """A checkpoint written before critic_layer_norm and clip_target existed (its configuration lacks them) was
+    trained without them: --resume and --eval-only load it so, and it still refuses another configuration."""
+    path = run_copy / "checkpoint.pt"
+    ckpt = load_ckpt(path)
+    for name in ("critic_layer_norm", "clip_target"):
+        del ckpt["config"][name]
+    dac.save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "format"})
+    proc = cli(["--resume", "--out", run_copy], ws.env)
+    assert_ok(proc)
+    config = json.loads(proc.stdout.split("config:", 1)[1].splitlines()[0])
+    assert (config["critic_layer_norm"], config["clip_target"], config["steps"]) == (False, False, 40)
+    assert "seed 0: done" in proc.stdout
+    assert_ok(cli(["--eval-only", path, "--eval-episodes", "1", "--no-fast"], ws.env))
+    assert_user_error(cli(["--resume", "--out", run_copy, "--clip-target"], ws.env), "another configuration",
+                      "clip_target: checkpoint False, now True")
 
 
 def test_eval_only_refuses_other_settings(ws, base_run):
