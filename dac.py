@@ -612,23 +612,32 @@ class Run:
         return self.wall_seconds + time.perf_counter() - self.started
 
     def evaluate_and_save(self, envs) -> dict:
-        """Evaluate, append a progress row, rewrite every output file, checkpoint. Returns the row."""
+        """Evaluate, append a progress row, checkpoint, rewrite the other output files. Returns the row."""
         self.check_finite()
-        result = evaluate(self.act, envs, self.cfg.seed * 1_000_003 + self.step, self.agent.step.device,
+        result = evaluate(self.act, envs, evaluation_seed(self.cfg, self.step), self.agent.step.device,
                           self.cfg.gamma, self.data.reward_scale)
-        row = {"step": self.step, "return_mean": float(result.returns.mean()),
-               "return_std": float(result.returns.std()),
-               "normalized_score": float(normalized_score(self.cfg.env, result.returns).mean()),
-               "eval_q_mean": result.q_mean, "eval_discounted_return": result.discounted_return,
-               "eval_action_at_bound": result.action_at_bound,
-               **{name: value.item() / max(self.metric_count, 1) for name, value in self.metric_sums.items()},
-               "steps_per_sec": self.metric_count / max(self.train_seconds, 1e-9)}
-        self.history.append(row)
+        return self.save_evaluation(self.step, result, self.end_window(), self.checkpoint())
+
+    def end_window(self) -> dict:
+        """The means of the training metrics since the last progress row, and those steps' steps/s; then the sums
+        start again."""
+        window = {name: value.item() / max(self.metric_count, 1) for name, value in self.metric_sums.items()}
+        window["steps_per_sec"] = self.metric_count / max(self.train_seconds, 1e-9)
         for value in self.metric_sums.values():
             value.zero_()
         self.metric_count, self.train_seconds = 0, 0.0
+        return window
+
+    def save_evaluation(self, step: int, result: Evaluation, window: dict, ckpt: dict) -> dict:
+        """Append the progress row of the evaluation at `step` (training metrics: `window`), save `ckpt` (the state
+        at `step`) with that row in its history, then rewrite the other output files. Returns the row."""
+        row = {"step": step, "return_mean": float(result.returns.mean()), "return_std": float(result.returns.std()),
+               "normalized_score": float(normalized_score(self.cfg.env, result.returns).mean()),
+               "eval_q_mean": result.q_mean, "eval_discounted_return": result.discounted_return,
+               "eval_action_at_bound": result.action_at_bound, **window}
+        self.history.append(row)
+        save_checkpoint(self.out / "checkpoint.pt", {**ckpt, "history": self.history})
         self.write_outputs()
-        self.save_checkpoint()
         return row
 
     def write_outputs(self) -> None:
@@ -638,20 +647,24 @@ class Run:
             writer.writerows(self.history)
         scores = [r["normalized_score"] for r in self.history]
         summary = {"final_score": float(np.mean(scores[-5:])), "best_score": float(np.max(scores)),
-                   "steps": self.step, "schedule_steps": self.cfg.steps, "stop_at": self.cfg.stop_at,
+                   "steps": self.history[-1]["step"], "schedule_steps": self.cfg.steps, "stop_at": self.cfg.stop_at,
                    "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env, "seed": self.cfg.seed,
                    "data": self.cfg.dataset or default_sources(self.cfg.env)[0], "note": score_note(self.cfg)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curve(self.history, self.out / "curve.png",
                    f"DAC {self.cfg.env} seed {self.cfg.seed}\ndata: {data_names(self.cfg)}")
 
+    def checkpoint(self) -> dict:
+        """What checkpoint.pt holds: the configuration, the agent's and the batches' state, the metric sums and the
+        history so far."""
+        return {"config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
+                "batches": self.batches.state() if self.cfg.batch_order == "epochs" else {},
+                "metric_sums": {name: value.cpu() for name, value in self.metric_sums.items()},
+                "metric_count": self.metric_count, "train_seconds": self.train_seconds,
+                "history": self.history, "wall": self.elapsed(), "reward_scale": self.data.reward_scale}
+
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.out / "checkpoint.pt",
-                        {"config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
-                         "batches": self.batches.state() if self.cfg.batch_order == "epochs" else {},
-                         "metric_sums": {name: value.cpu() for name, value in self.metric_sums.items()},
-                         "metric_count": self.metric_count, "train_seconds": self.train_seconds,
-                         "history": self.history, "wall": self.elapsed(), "reward_scale": self.data.reward_scale})
+        save_checkpoint(self.out / "checkpoint.pt", self.checkpoint())
 
 
 PROGRESS_EVERY_SECONDS = 30.0  # output not a terminal (nohup, a cluster job, CI): a plain progress line this often
@@ -830,12 +843,19 @@ class Evaluation(NamedTuple):
     action_at_bound: float         # fraction of action components at the +-1 bounds
 
 
-def evaluate(act, envs, seed: int, device: torch.device, gamma: float, reward_scale: float) -> Evaluation:
+def evaluation_seed(cfg: Config, step: int) -> int:
+    """The seed of a run's evaluation at `step`: of its environments and of its policy's generator."""
+    return cfg.seed * 1_000_003 + step
+
+
+def evaluate(act, envs, seed: int, device: torch.device, gamma: float, reward_scale: float,
+             gen: torch.Generator | None = None) -> Evaluation:
     """One episode per sub-environment, one batched policy call `act(states, gen)` (DAC.act, or its compiled
-    version) per time step. Uses its own generator, so evaluating never changes the training run's random stream.
+    version) per time step. Uses its own generator (`gen`, else a new one seeded with `seed`), so evaluating never
+    changes the training run's random stream.
     Q is compared with the return only at states whose discounted return is known to within 1%: every state of an
     episode that terminated, and states at least log(0.01)/log(gamma) steps before a time-limit cut."""
-    gen = torch.Generator(device).manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed) if gen is None else gen
     obs, _ = envs.reset(seed=seed)
     n = envs.num_envs
     running, cut = np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
@@ -1333,7 +1353,7 @@ def eval_only(cfg: Config, given: set, device: torch.device) -> None:
     agent.load_full_state(ckpt["agent"])
     envs = make_eval_envs(saved.env, cfg.eval_episodes)
     act = make_policy(agent, cfg.fast)
-    result = evaluate(act, envs, saved.seed * 1_000_003 + int(agent.step), device, saved.gamma, ckpt["reward_scale"])
+    result = evaluate(act, envs, evaluation_seed(saved, int(agent.step)), device, saved.gamma, ckpt["reward_scale"])
     envs.close()
     result = {"checkpoint": cfg.eval_only, "step": int(agent.step), "episodes": cfg.eval_episodes,
               "return_mean": float(result.returns.mean()), "return_std": float(result.returns.std()),
