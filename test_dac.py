@@ -85,6 +85,38 @@ dac.Run.after_step = one_second_step
 dac.main(sys.argv[1:])
 """
 
+# Runs dac.main with the background evaluation of the fast path on CUDA (dac.BackgroundEvaluation) on the CPU. Each
+# evaluation starts `argv[1]` seconds late, so that training goes on meanwhile; a real SIGINT arrives right after
+# gradient step `argv[2]` (0: none). Each save prints a line 'SAVED [folder, what, rows in its history, step]', and
+# each checkpoint saved is also kept as checkpoint-<rows>.pt (with its .sha256).
+BACKGROUND_EVALUATION = """
+import json, os, shutil, signal, sys, time
+import dac
+delay, stop_at = float(sys.argv.pop(1)), int(sys.argv.pop(1))
+dac.evaluates_in_background = lambda cfg, device: True
+evaluate, save_checkpoint, write_outputs, after_step = (dac.evaluate, dac.save_checkpoint, dac.Run.write_outputs,
+                                                        dac.Run.after_step)
+def late_evaluate(*args):
+    time.sleep(delay)
+    return evaluate(*args)
+def logged_save(path, ckpt):
+    save_checkpoint(path, ckpt)
+    rows = len(ckpt["history"])
+    for name in (path.name, path.name + ".sha256"):
+        shutil.copy(path.parent / name, path.parent / name.replace("checkpoint", f"checkpoint-{rows}"))
+    print("SAVED", json.dumps([path.parent.name, "checkpoint", rows, int(ckpt["agent"]["nets"]["step"])]), flush=True)
+def logged_write(self):
+    write_outputs(self)
+    print("SAVED", json.dumps([self.out.name, "progress", len(self.history), self.history[-1]["step"]]), flush=True)
+def interrupting_step(self):
+    after_step(self)
+    if self.step == stop_at:
+        os.kill(os.getpid(), signal.SIGINT)
+dac.evaluate, dac.save_checkpoint, dac.Run.write_outputs, dac.Run.after_step = (late_evaluate, logged_save,
+                                                                                logged_write, interrupting_step)
+dac.main(sys.argv[1:])
+"""
+
 # ======================================================================================================
 # Helpers: tiny datasets, the CLI, checks
 # ======================================================================================================
@@ -1375,6 +1407,93 @@ def test_stop_at_then_resume_ends_exactly_as_one_uninterrupted_run(base_run, ws,
     ref, got = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
     assert_same(ref["agent"], got["agent"], "agent")
     assert_same(ref["batches"], got["batches"], "batches")
+
+
+# ======================================================================================================
+# Evaluation in the background (the fast path on CUDA), checked on the CPU
+# ======================================================================================================
+def saves(proc: subprocess.CompletedProcess) -> dict:
+    """The SAVED lines of a BACKGROUND_EVALUATION run, per run folder, in order: (what, rows, step)."""
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("SAVED "):
+            folder, *event = json.loads(line[6:])
+            found.setdefault(folder, []).append(tuple(event))
+    return found
+
+
+def without_rates(rows: list) -> list:
+    return [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in rows]
+
+
+def test_policy_copy_acts_as_the_agent_of_its_step():
+    """PolicyCopy keeps the policy of the step it was copied at (DAC.act on copied weights: the same actions and Q
+    for the same generator) while the agent trains on, until copy_from takes the new weights."""
+    agent, states = tiny_agent(), torch.randn(6, S, generator=torch.Generator().manual_seed(2))
+    act = lambda policy: policy.act(states, torch.Generator().manual_seed(7))
+    policy = dac.PolicyCopy(agent)
+    before = act(agent)
+    data = dac.DeviceData({"observations": np.random.default_rng(0).normal(size=(64, S)).astype(np.float32),
+                           "actions": np.zeros((64, A), np.float32), "rewards": np.ones(64, np.float32),
+                           "next_observations": np.zeros((64, S), np.float32), "terminals": np.zeros(64, np.float32)},
+                          CPU)
+    for _ in range(2):
+        dac.gradient_step(agent, data, {name: torch.zeros(()) for name in dac.Metrics._fields})
+    after = act(agent)
+    assert not torch.equal(before[0], after[0])
+    for mine, theirs in zip(act(policy), before):
+        assert torch.equal(mine, theirs)
+    policy.copy_from(agent)
+    for mine, theirs in zip(act(policy), after):
+        assert torch.equal(mine, theirs)
+
+
+def test_background_evaluation_gives_the_rows_and_checkpoints_of_evaluating_in_turn(base_run, ws, tmp_path):
+    """Evaluating in a background thread while training goes on writes exactly the progress rows and checkpoints of
+    evaluating each run in turn: seed 0 trained beside seed 1 (listed second, so that each run must get its own
+    weights, seeds and metrics) equals seed 0 trained alone, evaluation scores, Q and losses included. Each
+    checkpoint holds the state of its evaluation's step although training went on meanwhile, is saved before its
+    progress row, and a run resumed from it ends as the uninterrupted run."""
+    group = tmp_path / "group"
+    proc = cli(["0.5", "0", *BASE_RUN, "--dataset", ws.hdf5, "--seeds", "1", "0", "--out", group], ws.env,
+               script=BACKGROUND_EVALUATION)
+    assert_ok(proc)
+    expected = [("checkpoint", 1, 20), ("progress", 1, 20), ("checkpoint", 2, 40), ("progress", 2, 40)]
+    assert saves(proc) == {"seed1": expected, "seed0": expected}
+    ref = without_rates(progress_rows(base_run.out))
+    assert without_rates(progress_rows(group / "seed0")) == ref
+    assert without_rates(progress_rows(group / "seed1")) != ref
+    alone, grouped = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(group / "seed0" / "checkpoint.pt")
+    for key in ("agent", "batches", "metric_sums", "metric_count"):
+        assert_same(alone[key], grouped[key], key)
+    assert without_rates(grouped["history"]) == without_rates(alone["history"])
+
+    resumed = tmp_path / "resumed"  # from the checkpoint of step 20, saved while training went on to step 40
+    resumed.mkdir()
+    for name in ("checkpoint.pt", "checkpoint.pt.sha256"):
+        shutil.copy(group / "seed0" / name.replace("checkpoint", "checkpoint-1"), resumed / name)
+    assert_ok(cli(["--resume", "--out", resumed], ws.env))
+    got = load_ckpt(resumed / "checkpoint.pt")
+    assert int(got["agent"]["nets"]["step"]) == 40
+    for key in ("agent", "batches", "metric_sums"):
+        assert_same(alone[key], got[key], key)
+    assert without_rates(got["history"]) == without_rates(alone["history"])
+
+
+def test_ctrl_c_waits_for_the_background_evaluation_and_resume_is_exact(base_run, ws, tmp_path):
+    """Ctrl-C after step 21, while the evaluation of step 20 is still running in the background: its row and
+    checkpoint are saved first, then the checkpoint of step 21 (history: the row of step 20); exit 130. --resume
+    then ends exactly as the uninterrupted run."""
+    out = tmp_path / "run"
+    first = cli(["1.0", "21", *BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env, script=BACKGROUND_EVALUATION)
+    assert first.returncode == 130 and "Traceback" not in first.stderr, first.stderr[-3000:]
+    assert saves(first) == {"run": [("checkpoint", 1, 20), ("progress", 1, 20), ("checkpoint", 1, 21)]}
+    assert [r["step"] for r in progress_rows(out)] == [20]
+    assert_ok(cli(["--resume", "--out", out], ws.env))
+    ref, got = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
+    for key in ("agent", "batches", "metric_sums"):
+        assert_same(ref[key], got[key], key)
+    assert without_rates(got["history"]) == without_rates(ref["history"])
 
 
 def report_rows(path: Path) -> dict:
