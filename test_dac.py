@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -1013,12 +1014,14 @@ def test_eval_only_reproduces_the_last_evaluation(base_run, ws):
     assert result["normalized_score"] == pytest.approx(last["normalized_score"], rel=1e-9)
 
 
-def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["in turn", "in the background"])
+def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path, background):
     """A critic learning rate of 1e6 blows Q up on the second step; evaluating every step, the step-1
-    checkpoint is the last good one and must be what is left."""
+    checkpoint is the last good one and must be what is left, also when evaluations run in the background."""
     out = tmp_path / "run"
-    proc = cli(["--env", "hopper-medium-v2", "--dataset", ws.hdf5, *TINY, "--steps", "6", "--eval-every", "1",
-                "--eval-episodes", "1", "--critic-lr", "1e6", "--out", out], ws.env)
+    proc = cli([*(["0.2", "0"] if background else []), "--env", "hopper-medium-v2", "--dataset", ws.hdf5, *TINY,
+                "--steps", "6", "--eval-every", "1", "--eval-episodes", "1", "--critic-lr", "1e6", "--out", out],
+               ws.env, script=BACKGROUND_EVALUATION if background else None)
     msg = assert_user_error(proc, "diverged", "critic_loss", str(out / "checkpoint.pt"), rc=1)
     assert "step 1" in msg
     ckpt = load_ckpt(out / "checkpoint.pt")
@@ -1030,6 +1033,17 @@ def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
 # ======================================================================================================
 # Command line: every user error gives a short specific message, a non-zero exit and no traceback
 # ======================================================================================================
+def test_divergence_names_the_checkpoint_a_background_evaluation_is_still_saving(tmp_path):
+    """Found between evaluations (every 1000 steps) while the last evaluation's row and checkpoint are still being
+    saved in the background: the message waits for that save and names its step."""
+    run = SimpleNamespace(metric_sums={"critic_loss": torch.tensor(math.nan)}, history=[], out=tmp_path, step=1000,
+                          cfg=dac.Config())
+    run.saving = threading.Thread(target=lambda: (time.sleep(0.3), run.history.append({"step": 800})))
+    run.saving.start()
+    with pytest.raises(dac.Diverged, match=r"last good checkpoint \(step 800\)"):
+        dac.Run.check_finite(run)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--device auto would pick the GPU")
 def test_device_auto_on_the_cpu_says_how_long_a_long_run_takes(ws, tmp_path, capsys):
     """--device auto without a GPU: one 'note:' line with the expected time, for a long run only (2M steps at the
@@ -1450,19 +1464,19 @@ def test_policy_copy_acts_as_the_agent_of_its_step():
 
 def test_background_evaluation_gives_the_rows_and_checkpoints_of_evaluating_in_turn(base_run, ws, tmp_path):
     """Evaluating in a background thread while training goes on writes exactly the progress rows and checkpoints of
-    evaluating each run in turn: seed 0 trained beside seed 1 (listed second, so that each run must get its own
-    weights, seeds and metrics) equals seed 0 trained alone, evaluation scores, Q and losses included. Each
+    evaluating each run in turn: seed 0 trained between seeds 1 and 2 (in the middle, so that taking the first or the
+    last run's weights, seeds or metrics would show) equals seed 0 trained alone, scores, Q and losses included. Each
     checkpoint holds the state of its evaluation's step although training went on meanwhile, is saved before its
     progress row, and a run resumed from it ends as the uninterrupted run."""
     group = tmp_path / "group"
-    proc = cli(["0.5", "0", *BASE_RUN, "--dataset", ws.hdf5, "--seeds", "1", "0", "--out", group], ws.env,
+    proc = cli(["0.5", "0", *BASE_RUN, "--dataset", ws.hdf5, "--seeds", "1", "0", "2", "--out", group], ws.env,
                script=BACKGROUND_EVALUATION)
     assert_ok(proc)
     expected = [("checkpoint", 1, 20), ("progress", 1, 20), ("checkpoint", 2, 40), ("progress", 2, 40)]
-    assert saves(proc) == {"seed1": expected, "seed0": expected}
+    assert saves(proc) == {"seed1": expected, "seed0": expected, "seed2": expected}
     ref = without_rates(progress_rows(base_run.out))
     assert without_rates(progress_rows(group / "seed0")) == ref
-    assert without_rates(progress_rows(group / "seed1")) != ref
+    assert without_rates(progress_rows(group / "seed1")) != ref != without_rates(progress_rows(group / "seed2"))
     alone, grouped = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(group / "seed0" / "checkpoint.pt")
     for key in ("agent", "batches", "metric_sums", "metric_count"):
         assert_same(alone[key], grouped[key], key)
