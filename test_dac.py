@@ -1510,6 +1510,28 @@ def test_ctrl_c_waits_for_the_background_evaluation_and_resume_is_exact(base_run
     assert without_rates(got["history"]) == without_rates(ref["history"])
 
 
+def test_time_to_result_benchmark_runs_both_evaluation_modes(ws, tmp_path):
+    """bench/time_to_result.py trains through dac.train() in both evaluation modes and prints its figures (a smoke
+    test: tiny sizes, synthetic data, no timing asserted)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "time_to_result.py"), "--device", "cpu", *TINY,
+                           "--seeds", "0", "1", "--stop-at", "30", "--eval-every", "10", "--eval-episodes", "1",
+                           "--synthetic-rows", "500", "--modes", "in-turn", "background", "--json", out,
+                           "--work", tmp_path / "runs"],
+                          env=ws.env, text=True, capture_output=True, timeout=300)
+    assert_ok(proc)
+    results = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in results] == ["in-turn", "background"]
+    for r in results:
+        assert r["runs"] == 2 and r["steps_per_run"] == 30 and len(r["raw"]["rounds"]) == 3
+        assert r["train_steps_per_sec"] > 0 and 0 < r["eval_share_of_wall"] < 1
+        assert r["projected_min_2x1M_every_20k"] > 0
+        for seed in (0, 1):
+            assert [row["step"] for row in progress_rows(tmp_path / "runs" / r["mode"] / f"seed{seed}")] == [10, 20, 30]
+    assert results[1]["eval_thread_s_per_round"] > 0 == results[0]["eval_thread_s_per_round"]
+    assert re.search(r"projected_min_2x1M_every_20k +[\d.]+ +[\d.]+", proc.stdout), proc.stdout[-2000:]
+
+
 def report_rows(path: Path) -> dict:
     """report.md's table as {dataset: {column: cell}}."""
     lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
