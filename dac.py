@@ -621,7 +621,8 @@ class Run:
         self.check_finite()
         result = evaluate(self.act, envs, evaluation_seed(self.cfg, self.step), self.agent.step.device,
                           self.cfg.gamma, self.data.reward_scale)
-        return self.save_evaluation(self.step, result, self.end_window(), self.checkpoint())
+        window = self.end_window()  # before the checkpoint: it holds the sums of the next window
+        return self.save_evaluation(self.step, result, window, self.checkpoint())
 
     def end_window(self) -> dict:
         """The means of the training metrics since the last progress row, and those steps' steps/s; then the sums
@@ -1638,7 +1639,8 @@ class CapturedPolicy:
         return self.outputs
 
     def capture(self, states: torch.Tensor, gen: torch.Generator) -> None:
-        """Capture for the batch size of `states` and for `gen` (whose random stream capturing does not use)."""
+        """Capture for the batch size of `states` and for `gen`. Capturing draws nothing from `gen`: the first
+        replay draws what the uncaptured policy's first call would."""
         self.states, scratch = states.clone(), torch.Generator(states.device).manual_seed(0)
         with side_stream():
             for _ in range(2):
@@ -1656,7 +1658,7 @@ def make_policy(agent: DAC, fast: bool):
     if not fast:
         return agent.act
     act = torch.compile(agent.act)
-    return CapturedPolicy(act) if agent.abar.device.type == "cuda" else act
+    return CapturedPolicy(act) if next(agent.actor.parameters()).device.type == "cuda" else act
 
 
 def make_fast_step(agents: list, datas: list, metric_sums: list, device: torch.device):
@@ -1746,7 +1748,7 @@ class BackgroundEvaluation:
                 gen = torch.Generator(device).manual_seed(seed)
                 if isinstance(policy, CapturedPolicy):
                     policy.capture(torch.zeros(self.envs[run.cfg.env].observation_space.shape, device=device), gen)
-                window = run.end_window()
+                window = run.end_window()  # before the checkpoint, as in Run.evaluate_and_save
                 jobs.append((run, policy, seed, gen, run.step, window, on_host(run.checkpoint())))
         finally:  # a run that diverged stops the loop, after the runs before it
             if jobs:

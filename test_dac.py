@@ -5,7 +5,8 @@
    update step against a slow re-derivation of the paper's losses, eta's dual ascent, the argmax of policy
    extraction, EMA/Polyak timing, the ensemble's independence, defaults and presets, data loading.
 2. The command line, as subprocesses (exit codes, stderr, no traceback): end-to-end runs on a tiny D4RL-layout
-   hdf5 file and a tiny local Minari dataset made here, exact resume after an interruption, every user error.
+   hdf5 file and a tiny local Minari dataset made here, exact resume after an interruption, every user error;
+   the fast path's evaluation in a background thread, run on the CPU, against evaluating each run in turn.
 3. AntMaze: a tiny dataset recorded here in Gymnasium-Robotics' real AntMaze_UMaze, its observations and success
    scoring, an end-to-end run on it, the error without Minari's dataset.
 
