@@ -1511,6 +1511,31 @@ def test_ctrl_c_waits_for_the_background_evaluation_and_resume_is_exact(base_run
     assert without_rates(got["history"]) == without_rates(ref["history"])
 
 
+def test_background_evaluation_captures_each_policy_in_the_training_thread(ws, tmp_path, monkeypatch):
+    """On CUDA no other thread may use the GPU while a policy is captured, so BackgroundEvaluation captures each
+    run's policy, for the generator and batch size its evaluation then uses, in the training thread before the
+    evaluation thread starts; that thread only replays. Checked on the CPU with a stand-in for CapturedPolicy."""
+    captures, calls = [], []
+
+    class RecordingCapturedPolicy(dac.CapturedPolicy):
+        def capture(self, states, gen):
+            captures.append(threading.current_thread())
+            self.key = (states.shape, gen)
+
+        def __call__(self, states, gen):
+            calls.append((threading.current_thread(), self.key == (states.shape, gen)))
+            return self.act(states, gen)
+
+    monkeypatch.setattr(dac, "make_policy", lambda agent, fast: RecordingCapturedPolicy(agent.act))
+    monkeypatch.setattr(dac, "evaluates_in_background", lambda cfg, device: True)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(ws.root / "d4rl_empty"))
+    cfgs, _ = dac.parse_config([*BASE_RUN, "--dataset", str(ws.hdf5), "--seeds", "0", "1", "--out", str(tmp_path)])
+    runs, _ = dac.plan_runs(cfgs)
+    dac.train(runs, CPU)
+    assert captures == [threading.main_thread()] * 4  # 2 runs x 2 evaluations
+    assert calls and all(thread is not threading.main_thread() and same for thread, same in calls)
+
+
 def test_time_to_result_benchmark_runs_both_evaluation_modes(ws, tmp_path):
     """bench/time_to_result.py trains through dac.train() in both evaluation modes and prints its figures (a smoke
     test: tiny sizes, synthetic data, no timing asserted)."""
