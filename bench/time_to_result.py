@@ -60,6 +60,9 @@ def synthetic_dataset(path: Path, env: str, rows: int) -> Path:
     return path
 
 
+MAKE_EVAL_ENVS = dac.make_eval_envs
+
+
 def full_length_eval_envs(env: str, n: int):
     """dac.make_eval_envs, except that Hopper and Walker2d episodes end only at the time limit (Gymnasium's
     terminate_when_unhealthy=False): 1000 steps each, as a policy that does not fall. Others are unchanged."""
@@ -69,9 +72,6 @@ def full_length_eval_envs(env: str, n: int):
     if family not in ("hopper", "walker2d"):
         return MAKE_EVAL_ENVS(env, n)
     return gym.make_vec(dac.TASKS[family][0], num_envs=n, vectorization_mode="sync", terminate_when_unhealthy=False)
-
-
-MAKE_EVAL_ENVS = dac.make_eval_envs
 
 
 class Clock:
@@ -132,6 +132,10 @@ def measure(cfgs: list, device: torch.device, mode: str, eval_length: str, work:
                  dac.BackgroundEvaluation.wait, dac.BackgroundEvaluation.evaluate_in_turn, dac.make_eval_envs,
                  dac.evaluates_in_background)
     runs, _ = dac.plan_runs([dataclasses.replace(cfg, out=str(work / mode)) for cfg in cfgs])
+    every, stop = runs[0].eval_every, min(runs[0].stop_at or runs[0].steps, runs[0].steps)
+    if stop % every or stop < 3 * every:
+        raise SystemExit(f"--stop-at ({stop}) must be a multiple of --eval-every ({every}), at least 3 times it: the "
+                         f"first evaluation is start-up, the last is not overlapped by training")
     clock = Clock(len(runs))
     clock.patch()
     dac.evaluates_in_background = lambda cfg, dev: mode == "background"
@@ -143,13 +147,8 @@ def measure(cfgs: list, device: torch.device, mode: str, eval_length: str, work:
     finally:
         (dac.evaluate, dac.Run.evaluate_and_save, dac.BackgroundEvaluation.start, dac.BackgroundEvaluation.wait,
          dac.BackgroundEvaluation.evaluate_in_turn, dac.make_eval_envs, dac.evaluates_in_background) = originals
-    every, stop = runs[0].eval_every, min(runs[0].stop_at or runs[0].steps, runs[0].steps)
     rounds = clock.rounds
-    if stop % every or len(rounds) != stop // every:
-        raise SystemExit(f"--stop-at ({stop}) must be a multiple of --eval-every ({every})")
-    if len(rounds) < 3:
-        raise SystemExit("need at least 3 evaluations (--stop-at >= 3 x --eval-every): the first is start-up, the "
-                         "last is not overlapped by training")
+    assert len(rounds) == stop // every, rounds
     windows = [a - b_prev for (a, _, _), (_, b_prev, _) in zip(rounds[1:], rounds[:-1])]  # training in between
     stalls = [b - a for a, b, _ in rounds]  # training waits this long at each round
     own = [b - a - waited for a, b, waited in rounds]  # ... of which the training thread's own work
@@ -193,8 +192,8 @@ def machine(device: torch.device) -> dict:
     except OSError:
         cpus = []
     info = {"cpu": cpus[0] if cpus else platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "python": platform.python_version(), "device": str(device), "torch_threads": torch.get_num_threads()}
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
