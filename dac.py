@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import functools
@@ -48,6 +49,7 @@ import shutil
 import signal
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -613,6 +615,7 @@ class Run:
         self.metric_sums = {name: torch.zeros((), device=device) for name in Metrics._fields}
         self.metric_count, self.history, self.wall_seconds = 0, [], 0.0
         self.train_seconds = 0.0  # training time of the metric_count steps (across a resume): their steps/s
+        self.saving = None  # the thread that saves this run's last evaluation, if one does (appendix)
         ckpt_path = self.out / "checkpoint.pt"
         if cfg.resume:
             if not ckpt_path.exists():
@@ -649,6 +652,8 @@ class Run:
     def check_finite(self) -> None:
         bad = [name for name, value in self.metric_sums.items() if not torch.isfinite(value)]
         if bad:
+            if self.saving is not None:
+                self.saving.join()  # the checkpoint it saves is the last good one
             kept = (f"The last good checkpoint (step {self.history[-1]['step']}) is kept in "
                     f"{self.out / 'checkpoint.pt'}." if self.history else "No checkpoint had been written yet.")
             raise Diverged(
@@ -660,23 +665,33 @@ class Run:
         return self.wall_seconds + time.perf_counter() - self.started
 
     def evaluate_and_save(self, envs) -> dict:
-        """Evaluate, append a progress row, rewrite every output file, checkpoint. Returns the row."""
+        """Evaluate, append a progress row, checkpoint, rewrite the other output files. Returns the row."""
         self.check_finite()
-        result = evaluate(self.act, envs, self.cfg.seed * 1_000_003 + self.step, self.agent.step.device,
+        result = evaluate(self.act, envs, evaluation_seed(self.cfg, self.step), self.agent.step.device,
                           self.cfg.gamma, self.data.reward_scale)
-        row = {"step": self.step, "return_mean": float(result.returns.mean()),
-               "return_std": float(result.returns.std()),
-               "normalized_score": float(normalized_score(self.cfg.env, result.returns).mean()),
-               "eval_q_mean": result.q_mean, "eval_discounted_return": result.discounted_return,
-               "eval_action_at_bound": result.action_at_bound,
-               **{name: value.item() / max(self.metric_count, 1) for name, value in self.metric_sums.items()},
-               "steps_per_sec": self.metric_count / max(self.train_seconds, 1e-9)}
-        self.history.append(row)
+        window = self.end_window()  # before the checkpoint: it holds the sums of the next window
+        return self.save_evaluation(self.step, result, window, self.checkpoint())
+
+    def end_window(self) -> dict:
+        """The means of the training metrics since the last progress row, and those steps' steps/s; then the sums
+        start again."""
+        window = {name: value.item() / max(self.metric_count, 1) for name, value in self.metric_sums.items()}
+        window["steps_per_sec"] = self.metric_count / max(self.train_seconds, 1e-9)
         for value in self.metric_sums.values():
             value.zero_()
         self.metric_count, self.train_seconds = 0, 0.0
+        return window
+
+    def save_evaluation(self, step: int, result: Evaluation, window: dict, ckpt: dict) -> dict:
+        """Append the progress row of the evaluation at `step` (training metrics: `window`), save `ckpt` (the state
+        at `step`) with that row in its history, then rewrite the other output files. Returns the row."""
+        row = {"step": step, "return_mean": float(result.returns.mean()), "return_std": float(result.returns.std()),
+               "normalized_score": float(normalized_score(self.cfg.env, result.returns).mean()),
+               "eval_q_mean": result.q_mean, "eval_discounted_return": result.discounted_return,
+               "eval_action_at_bound": result.action_at_bound, **window}
+        self.history.append(row)
+        save_checkpoint(self.out / "checkpoint.pt", {**ckpt, "history": self.history})
         self.write_outputs()
-        self.save_checkpoint()
         return row
 
     def write_outputs(self) -> None:
@@ -686,20 +701,24 @@ class Run:
             writer.writerows(self.history)
         scores = [r["normalized_score"] for r in self.history]
         summary = {"final_score": float(np.mean(scores[-5:])), "best_score": float(np.max(scores)),
-                   "steps": self.step, "schedule_steps": self.cfg.steps, "stop_at": self.cfg.stop_at,
+                   "steps": self.history[-1]["step"], "schedule_steps": self.cfg.steps, "stop_at": self.cfg.stop_at,
                    "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env, "seed": self.cfg.seed,
                    "data": self.cfg.dataset or default_sources(self.cfg.env)[0], "note": score_note(self.cfg)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_curve(self.history, self.out / "curve.png",
                    f"DAC {self.cfg.env} seed {self.cfg.seed}\ndata: {data_names(self.cfg)}")
 
+    def checkpoint(self) -> dict:
+        """What checkpoint.pt holds: the configuration, the agent's and the batches' state, the metric sums and the
+        history so far."""
+        return {"config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
+                "batches": self.batches.state() if self.cfg.batch_order == "epochs" else {},
+                "metric_sums": {name: value.cpu() for name, value in self.metric_sums.items()},
+                "metric_count": self.metric_count, "train_seconds": self.train_seconds,
+                "history": self.history, "wall": self.elapsed(), "reward_scale": self.data.reward_scale}
+
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.out / "checkpoint.pt",
-                        {"config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
-                         "batches": self.batches.state() if self.cfg.batch_order == "epochs" else {},
-                         "metric_sums": {name: value.cpu() for name, value in self.metric_sums.items()},
-                         "metric_count": self.metric_count, "train_seconds": self.train_seconds,
-                         "history": self.history, "wall": self.elapsed(), "reward_scale": self.data.reward_scale})
+        save_checkpoint(self.out / "checkpoint.pt", self.checkpoint())
 
 
 PROGRESS_EVERY_SECONDS = 30.0  # output not a terminal (nohup, a cluster job, CI): a plain progress line this often
@@ -743,6 +762,15 @@ def train(cfgs: list, device: torch.device) -> None:
                                device) if cfgs[0].fast else None
     for cfg in cfgs:
         envs.setdefault(cfg.env, make_eval_envs(cfg.env, cfg.eval_episodes))
+
+    def show(run: Run, row: dict) -> None:  # a line per evaluation, above the progress bar
+        bar.write(f"{run.cfg.env} seed {run.cfg.seed} step {row['step']}: score {row['normalized_score']:.1f} "
+                  f"(return {row['return_mean']:.0f}), eta {row['eta']:.3f}, {row['steps_per_sec']:.0f} steps/s")
+        bar.set_postfix(score=f"{row['normalized_score']:.1f}", sps=f"{row['steps_per_sec']:.0f}")
+
+    # The fast path on CUDA evaluates in a thread while training goes on (appendix); else each run in turn, below.
+    background = (BackgroundEvaluation(runs, envs, show, fast_step) if evaluates_in_background(cfgs[0], device)
+                  else None)
     total, eval_every = cfgs[0].steps, cfgs[0].eval_every
     end = min(cfgs[0].stop_at or total, total)
     interrupted = []
@@ -777,12 +805,13 @@ def train(cfgs: list, device: torch.device) -> None:
             for run in runs:
                 run.train_seconds += seconds
             if runs[0].step % eval_every == 0 or runs[0].step == end:
-                for run in runs:
-                    row = run.evaluate_and_save(envs[run.cfg.env])
-                    bar.write(f"{run.cfg.env} seed {run.cfg.seed} step {row['step']}: score "
-                              f"{row['normalized_score']:.1f} (return {row['return_mean']:.0f}), eta {row['eta']:.3f}, "
-                              f"{row['steps_per_sec']:.0f} steps/s")
-                    bar.set_postfix(score=f"{row['normalized_score']:.1f}", sps=f"{row['steps_per_sec']:.0f}")
+                if background is not None:
+                    background.start()
+                else:
+                    for run in runs:
+                        show(run, run.evaluate_and_save(envs[run.cfg.env]))
+        if background is not None:
+            background.wait()  # the last rows and checkpoints are saved
     except Exception:
         if not interrupted:
             raise
@@ -796,6 +825,8 @@ def train(cfgs: list, device: torch.device) -> None:
                                           "yet: run the same command again to start over"), file=sys.stderr)
         sys.exit(130)
     finally:
+        if background is not None:
+            background.join()  # it uses the environments and the bar
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
         for e in envs.values():
@@ -878,12 +909,19 @@ class Evaluation(NamedTuple):
     action_at_bound: float         # fraction of action components at the +-1 bounds
 
 
-def evaluate(act, envs, seed: int, device: torch.device, gamma: float, reward_scale: float) -> Evaluation:
+def evaluation_seed(cfg: Config, step: int) -> int:
+    """The seed of a run's evaluation at `step`: of its environments and of its policy's generator."""
+    return cfg.seed * 1_000_003 + step
+
+
+def evaluate(act, envs, seed: int, device: torch.device, gamma: float, reward_scale: float,
+             gen: torch.Generator | None = None) -> Evaluation:
     """One episode per sub-environment, one batched policy call `act(states, gen)` (DAC.act, or its compiled
-    version) per time step. Uses its own generator, so evaluating never changes the training run's random stream.
+    version) per time step. Uses its own generator (`gen`, else a new one seeded with `seed`), so evaluating never
+    changes the training run's random stream.
     Q is compared with the return only at states whose discounted return is known to within 1%: every state of an
     episode that terminated, and states at least log(0.01)/log(gamma) steps before a time-limit cut."""
-    gen = torch.Generator(device).manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed) if gen is None else gen
     obs, _ = envs.reset(seed=seed)
     n = envs.num_envs
     running, cut = np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
@@ -1387,7 +1425,7 @@ def eval_only(cfg: Config, given: set, device: torch.device) -> None:
     agent.load_full_state(ckpt["agent"])
     envs = make_eval_envs(saved.env, cfg.eval_episodes)
     act = make_policy(agent, cfg.fast)
-    result = evaluate(act, envs, saved.seed * 1_000_003 + int(agent.step), device, saved.gamma, ckpt["reward_scale"])
+    result = evaluate(act, envs, evaluation_seed(saved, int(agent.step)), device, saved.gamma, ckpt["reward_scale"])
     envs.close()
     result = {"checkpoint": cfg.eval_only, "step": int(agent.step), "episodes": cfg.eval_episodes,
               "return_mean": float(result.returns.mean()), "return_std": float(result.returns.std()),
@@ -1649,18 +1687,23 @@ class CapturedPolicy:
 
     def __call__(self, states: torch.Tensor, gen: torch.Generator) -> tuple:
         if self.key != (states.shape, gen):
-            self.states, scratch = states.clone(), torch.Generator(states.device).manual_seed(0)
-            with side_stream():
-                for _ in range(2):
-                    self.act(self.states, scratch)
-            self.graph = torch.cuda.CUDAGraph()
-            self.graph.register_generator_state(gen)
-            with torch.cuda.graph(self.graph):
-                self.outputs = self.act(self.states, gen)
-            self.key = (states.shape, gen)
+            self.capture(states, gen)
         self.states.copy_(states)
         self.graph.replay()
         return self.outputs
+
+    def capture(self, states: torch.Tensor, gen: torch.Generator) -> None:
+        """Capture for the batch size of `states` and for `gen`. Capturing draws nothing from `gen`: the first
+        replay draws what the uncaptured policy's first call would."""
+        self.states, scratch = states.clone(), torch.Generator(states.device).manual_seed(0)
+        with side_stream():
+            for _ in range(2):
+                self.act(self.states, scratch)
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.register_generator_state(gen)
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.act(self.states, gen)
+        self.key = (states.shape, gen)
 
 
 def make_policy(agent: DAC, fast: bool):
@@ -1669,7 +1712,7 @@ def make_policy(agent: DAC, fast: bool):
     if not fast:
         return agent.act
     act = torch.compile(agent.act)
-    return CapturedPolicy(act) if agent.step.device.type == "cuda" else act
+    return CapturedPolicy(act) if next(agent.actor.parameters()).device.type == "cuda" else act
 
 
 def make_fast_step(agents: list, datas: list, metric_sums: list, device: torch.device):
@@ -1695,6 +1738,103 @@ def make_fast_step(agents: list, datas: list, metric_sums: list, device: torch.d
             main.wait_stream(stream)
 
     return CapturedStep(step_all, [agent.gen for agent in agents])
+
+
+def evaluates_in_background(cfg: Config, device: torch.device) -> bool:
+    """Whether train() evaluates with BackgroundEvaluation: on the fast path on CUDA, where the GPU can go on
+    training while the host steps the evaluation's environments."""
+    return cfg.fast and device.type == "cuda"
+
+
+class PolicyCopy(nn.Module):
+    """A copy of what DAC.act reads (actor, target critics, diffusion schedule, settings): the policy of one step,
+    while the agent trains on. `copy_from` refreshes it in place, so a policy captured on it stays valid."""
+
+    act, sched = DAC.act, DAC.sched
+
+    def __init__(self, agent: DAC):
+        super().__init__()
+        self.cfg = agent.cfg
+        self.actor, self.target_critic = copy.deepcopy(agent.actor), copy.deepcopy(agent.target_critic)
+        for name in ("alphas", "betas", "abar"):
+            self.register_buffer(name, getattr(agent, name).clone())
+
+    def copy_from(self, agent: DAC) -> None:
+        mine = self.state_dict().keys()
+        self.load_state_dict({name: value for name, value in agent.state_dict().items() if name in mine})
+
+
+def on_host(tree):
+    """A copy of nested dicts and lists with every tensor copied to the host: their values at this moment."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {key: on_host(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(on_host(value) for value in tree)
+    return tree
+
+
+class BackgroundEvaluation:
+    """Evaluation that does not stall training. At an evaluation step `start` takes each run's state of that step
+    (its policy's weights into a PolicyCopy on the device, its checkpoint onto the host) and ends its metric window;
+    then a thread evaluates the copies as Run.evaluate_and_save would (`evaluate`, the same seeds, so the same
+    scores) and saves each run's row and checkpoint, while the training loop goes on. On CUDA the thread works on a
+    stream of its own, and each policy is captured for its evaluation's generator before the thread starts: no
+    other thread may use CUDA during a capture. `wait` waits for the thread and raises what it raised."""
+
+    def __init__(self, runs: list, envs: dict, show, fast_step):
+        self.runs, self.envs, self.show, self.fast_step = runs, envs, show, fast_step
+        self.copies = [PolicyCopy(run.agent) for run in runs]
+        self.policies = [make_policy(policy_copy, run.cfg.fast) for policy_copy, run in zip(self.copies, runs)]
+        device = runs[0].agent.step.device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.thread, self.error = None, None
+
+    def start(self) -> None:
+        self.wait()  # the previous evaluation is saved and its copies are free
+        jobs = []
+        try:
+            for run, policy_copy, policy in zip(self.runs, self.copies, self.policies):
+                run.check_finite()
+                device, seed = run.agent.step.device, evaluation_seed(run.cfg, run.step)
+                policy_copy.copy_from(run.agent)
+                gen = torch.Generator(device).manual_seed(seed)
+                if isinstance(policy, CapturedPolicy):
+                    policy.capture(torch.zeros(self.envs[run.cfg.env].observation_space.shape, device=device), gen)
+                window = run.end_window()  # before the checkpoint, as in Run.evaluate_and_save
+                jobs.append((run, policy, seed, gen, run.step, window, on_host(run.checkpoint())))
+        finally:  # a run that diverged stops the loop, after the runs before it
+            if jobs:
+                if self.stream is not None:
+                    self.stream.wait_stream(torch.cuda.current_stream())  # after the copies
+                self.thread = threading.Thread(target=self.evaluate_in_turn, args=(jobs,))
+                self.thread.start()
+                for run in self.runs:
+                    run.saving = self.thread
+        if isinstance(self.fast_step, CapturedStep) and self.fast_step.graph is None:
+            self.wait()  # the training step is captured later: no other thread may use CUDA then
+
+    def evaluate_in_turn(self, jobs: list) -> None:
+        try:
+            with torch.cuda.stream(self.stream):
+                for run, policy, seed, gen, step, window, ckpt in jobs:
+                    result = evaluate(policy, self.envs[run.cfg.env], seed, gen.device, run.cfg.gamma,
+                                      run.data.reward_scale, gen)
+                    self.show(run, run.save_evaluation(step, result, window, ckpt))
+        except BaseException as e:  # raised in the training thread, by `wait`
+            self.error = e
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def wait(self) -> None:
+        self.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
    update step against a slow re-derivation of the paper's losses, eta's dual ascent, the argmax of policy
    extraction, EMA/Polyak timing, the ensemble's independence, defaults and presets, data loading.
 2. The command line, as subprocesses (exit codes, stderr, no traceback): end-to-end runs on a tiny D4RL-layout
-   hdf5 file and a tiny local Minari dataset made here, exact resume after an interruption, every user error.
+   hdf5 file and a tiny local Minari dataset made here, exact resume after an interruption, every user error;
+   the fast path's evaluation in a background thread, run on the CPU, against evaluating each run in turn.
 3. AntMaze: a tiny dataset recorded here in Gymnasium-Robotics' real AntMaze_UMaze, its observations and success
    scoring, an end-to-end run on it, the error without Minari's dataset.
 
@@ -27,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -82,6 +84,38 @@ def one_second_step(self):
     if self.step == stop_at:
         os.kill(os.getpid(), signal.SIGINT)
 dac.Run.after_step = one_second_step
+dac.main(sys.argv[1:])
+"""
+
+# Runs dac.main with the background evaluation of the fast path on CUDA (dac.BackgroundEvaluation) on the CPU. Each
+# evaluation starts `argv[1]` seconds late, so that training goes on meanwhile; a real SIGINT arrives right after
+# gradient step `argv[2]` (0: none). Each save prints a line 'SAVED [folder, what, rows in its history, step]', and
+# each checkpoint saved is also kept as checkpoint-<rows>.pt (with its .sha256).
+BACKGROUND_EVALUATION = """
+import json, os, shutil, signal, sys, time
+import dac
+delay, stop_at = float(sys.argv.pop(1)), int(sys.argv.pop(1))
+dac.evaluates_in_background = lambda cfg, device: True
+evaluate, save_checkpoint, write_outputs, after_step = (dac.evaluate, dac.save_checkpoint, dac.Run.write_outputs,
+                                                        dac.Run.after_step)
+def late_evaluate(*args):
+    time.sleep(delay)
+    return evaluate(*args)
+def logged_save(path, ckpt):
+    save_checkpoint(path, ckpt)
+    rows = len(ckpt["history"])
+    for name in (path.name, path.name + ".sha256"):
+        shutil.copy(path.parent / name, path.parent / name.replace("checkpoint", f"checkpoint-{rows}"))
+    print("SAVED", json.dumps([path.parent.name, "checkpoint", rows, int(ckpt["agent"]["nets"]["step"])]), flush=True)
+def logged_write(self):
+    write_outputs(self)
+    print("SAVED", json.dumps([self.out.name, "progress", len(self.history), self.history[-1]["step"]]), flush=True)
+def interrupting_step(self):
+    after_step(self)
+    if self.step == stop_at:
+        os.kill(os.getpid(), signal.SIGINT)
+dac.evaluate, dac.save_checkpoint, dac.Run.write_outputs, dac.Run.after_step = (late_evaluate, logged_save,
+                                                                                logged_write, interrupting_step)
 dac.main(sys.argv[1:])
 """
 
@@ -1116,12 +1150,14 @@ def test_cli_with_the_remedies_keeps_their_parameters_and_bounds_in_its_checkpoi
                       "critic_layer_norm: checkpoint True, now False")
 
 
-def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["in turn", "in the background"])
+def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path, background):
     """A critic learning rate of 1e6 blows Q up on the second step; evaluating every step, the step-1
-    checkpoint is the last good one and must be what is left."""
+    checkpoint is the last good one and must be what is left, also when evaluations run in the background."""
     out = tmp_path / "run"
-    proc = cli(["--env", "hopper-medium-v2", "--dataset", ws.hdf5, *TINY, "--steps", "6", "--eval-every", "1",
-                "--eval-episodes", "1", "--critic-lr", "1e6", "--out", out], ws.env)
+    proc = cli([*(["0.2", "0"] if background else []), "--env", "hopper-medium-v2", "--dataset", ws.hdf5, *TINY,
+                "--steps", "6", "--eval-every", "1", "--eval-episodes", "1", "--critic-lr", "1e6", "--out", out],
+               ws.env, script=BACKGROUND_EVALUATION if background else None)
     msg = assert_user_error(proc, "diverged", "critic_loss", str(out / "checkpoint.pt"), rc=1)
     assert "step 1" in msg
     ckpt = load_ckpt(out / "checkpoint.pt")
@@ -1133,6 +1169,17 @@ def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
 # ======================================================================================================
 # Command line: every user error gives a short specific message, a non-zero exit and no traceback
 # ======================================================================================================
+def test_divergence_names_the_checkpoint_a_background_evaluation_is_still_saving(tmp_path):
+    """Found between evaluations (every 1000 steps) while the last evaluation's row and checkpoint are still being
+    saved in the background: the message waits for that save and names its step."""
+    run = SimpleNamespace(metric_sums={"critic_loss": torch.tensor(math.nan)}, history=[], out=tmp_path, step=1000,
+                          cfg=dac.Config())
+    run.saving = threading.Thread(target=lambda: (time.sleep(0.3), run.history.append({"step": 800})))
+    run.saving.start()
+    with pytest.raises(dac.Diverged, match=r"last good checkpoint \(step 800\)"):
+        dac.Run.check_finite(run)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--device auto would pick the GPU")
 def test_device_auto_on_the_cpu_says_how_long_a_long_run_takes(ws, tmp_path, capsys):
     """--device auto without a GPU: one 'note:' line with the expected time, for a long run only (2M steps at the
@@ -1549,6 +1596,140 @@ def test_stop_at_then_resume_ends_exactly_as_one_uninterrupted_run(base_run, ws,
     ref, got = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
     assert_same(ref["agent"], got["agent"], "agent")
     assert_same(ref["batches"], got["batches"], "batches")
+
+
+# ======================================================================================================
+# Evaluation in the background (the fast path on CUDA), checked on the CPU
+# ======================================================================================================
+def saves(proc: subprocess.CompletedProcess) -> dict:
+    """The SAVED lines of a BACKGROUND_EVALUATION run, per run folder, in order: (what, rows, step)."""
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("SAVED "):
+            folder, *event = json.loads(line[6:])
+            found.setdefault(folder, []).append(tuple(event))
+    return found
+
+
+def without_rates(rows: list) -> list:
+    return [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in rows]
+
+
+def test_policy_copy_acts_as_the_agent_of_its_step():
+    """PolicyCopy keeps the policy of the step it was copied at (DAC.act on copied weights: the same actions and Q
+    for the same generator) while the agent trains on, until copy_from takes the new weights."""
+    agent, states = tiny_agent(), torch.randn(6, S, generator=torch.Generator().manual_seed(2))
+    act = lambda policy: policy.act(states, torch.Generator().manual_seed(7))
+    policy = dac.PolicyCopy(agent)
+    before = act(agent)
+    data = dac.DeviceData({"observations": np.random.default_rng(0).normal(size=(64, S)).astype(np.float32),
+                           "actions": np.zeros((64, A), np.float32), "rewards": np.ones(64, np.float32),
+                           "next_observations": np.zeros((64, S), np.float32), "terminals": np.zeros(64, np.float32)},
+                          CPU)
+    for _ in range(2):
+        dac.gradient_step(agent, data, {name: torch.zeros(()) for name in dac.Metrics._fields})
+    after = act(agent)
+    assert not torch.equal(before[0], after[0])
+    for mine, theirs in zip(act(policy), before):
+        assert torch.equal(mine, theirs)
+    policy.copy_from(agent)
+    for mine, theirs in zip(act(policy), after):
+        assert torch.equal(mine, theirs)
+
+
+def test_background_evaluation_gives_the_rows_and_checkpoints_of_evaluating_in_turn(base_run, ws, tmp_path):
+    """Evaluating in a background thread while training goes on writes exactly the progress rows and checkpoints of
+    evaluating each run in turn: seed 0 trained between seeds 1 and 2 (in the middle, so that taking the first or the
+    last run's weights, seeds or metrics would show) equals seed 0 trained alone, scores, Q and losses included. Each
+    checkpoint holds the state of its evaluation's step although training went on meanwhile, is saved before its
+    progress row, and a run resumed from it ends as the uninterrupted run."""
+    group = tmp_path / "group"
+    proc = cli(["0.5", "0", *BASE_RUN, "--dataset", ws.hdf5, "--seeds", "1", "0", "2", "--out", group], ws.env,
+               script=BACKGROUND_EVALUATION)
+    assert_ok(proc)
+    expected = [("checkpoint", 1, 20), ("progress", 1, 20), ("checkpoint", 2, 40), ("progress", 2, 40)]
+    assert saves(proc) == {"seed1": expected, "seed0": expected, "seed2": expected}
+    ref = without_rates(progress_rows(base_run.out))
+    assert without_rates(progress_rows(group / "seed0")) == ref
+    assert without_rates(progress_rows(group / "seed1")) != ref != without_rates(progress_rows(group / "seed2"))
+    alone, grouped = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(group / "seed0" / "checkpoint.pt")
+    for key in ("agent", "batches", "metric_sums", "metric_count"):
+        assert_same(alone[key], grouped[key], key)
+    assert without_rates(grouped["history"]) == without_rates(alone["history"])
+
+    resumed = tmp_path / "resumed"  # from the checkpoint of step 20, saved while training went on to step 40
+    resumed.mkdir()
+    for name in ("checkpoint.pt", "checkpoint.pt.sha256"):
+        shutil.copy(group / "seed0" / name.replace("checkpoint", "checkpoint-1"), resumed / name)
+    assert_ok(cli(["--resume", "--out", resumed], ws.env))
+    got = load_ckpt(resumed / "checkpoint.pt")
+    assert int(got["agent"]["nets"]["step"]) == 40
+    for key in ("agent", "batches", "metric_sums"):
+        assert_same(alone[key], got[key], key)
+    assert without_rates(got["history"]) == without_rates(alone["history"])
+
+
+def test_ctrl_c_waits_for_the_background_evaluation_and_resume_is_exact(base_run, ws, tmp_path):
+    """Ctrl-C after step 21, while the evaluation of step 20 is still running in the background: its row and
+    checkpoint are saved first, then the checkpoint of step 21 (history: the row of step 20); exit 130. --resume
+    then ends exactly as the uninterrupted run."""
+    out = tmp_path / "run"
+    first = cli(["1.0", "21", *BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env, script=BACKGROUND_EVALUATION)
+    assert first.returncode == 130 and "Traceback" not in first.stderr, first.stderr[-3000:]
+    assert saves(first) == {"run": [("checkpoint", 1, 20), ("progress", 1, 20), ("checkpoint", 1, 21)]}
+    assert [r["step"] for r in progress_rows(out)] == [20]
+    assert_ok(cli(["--resume", "--out", out], ws.env))
+    ref, got = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
+    for key in ("agent", "batches", "metric_sums"):
+        assert_same(ref[key], got[key], key)
+    assert without_rates(got["history"]) == without_rates(ref["history"])
+
+
+def test_background_evaluation_captures_each_policy_in_the_training_thread(ws, tmp_path, monkeypatch):
+    """On CUDA no other thread may use the GPU while a policy is captured, so BackgroundEvaluation captures each
+    run's policy, for the generator and batch size its evaluation then uses, in the training thread before the
+    evaluation thread starts; that thread only replays. Checked on the CPU with a stand-in for CapturedPolicy."""
+    captures, calls = [], []
+
+    class RecordingCapturedPolicy(dac.CapturedPolicy):
+        def capture(self, states, gen):
+            captures.append(threading.current_thread())
+            self.key = (states.shape, gen)
+
+        def __call__(self, states, gen):
+            calls.append((threading.current_thread(), self.key == (states.shape, gen)))
+            return self.act(states, gen)
+
+    monkeypatch.setattr(dac, "make_policy", lambda agent, fast: RecordingCapturedPolicy(agent.act))
+    monkeypatch.setattr(dac, "evaluates_in_background", lambda cfg, device: True)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(ws.root / "d4rl_empty"))
+    cfgs, _ = dac.parse_config([*BASE_RUN, "--dataset", str(ws.hdf5), "--seeds", "0", "1", "--out", str(tmp_path)])
+    runs, _ = dac.plan_runs(cfgs)
+    dac.train(runs, CPU)
+    assert captures == [threading.main_thread()] * 4  # 2 runs x 2 evaluations
+    assert calls and all(thread is not threading.main_thread() and same for thread, same in calls)
+
+
+def test_time_to_result_benchmark_runs_both_evaluation_modes(ws, tmp_path):
+    """bench/time_to_result.py trains through dac.train() in both evaluation modes and prints its figures (a smoke
+    test: tiny sizes, synthetic data, no timing asserted)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "time_to_result.py"), "--device", "cpu", *TINY,
+                           "--seeds", "0", "1", "--stop-at", "30", "--eval-every", "10", "--eval-episodes", "1",
+                           "--synthetic-rows", "500", "--modes", "in-turn", "background", "--json", out,
+                           "--work", tmp_path / "runs"],
+                          env=ws.env, text=True, capture_output=True, timeout=300)
+    assert_ok(proc)
+    results = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in results] == ["in-turn", "background"]
+    for r in results:
+        assert r["runs"] == 2 and r["steps_per_run"] == 30 and len(r["raw"]["rounds"]) == 3
+        assert r["train_steps_per_sec"] > 0 and 0 < r["eval_share_of_wall"] < 1
+        assert r["projected_min_2x1M_every_20k"] > 0
+        for seed in (0, 1):
+            assert [row["step"] for row in progress_rows(tmp_path / "runs" / r["mode"] / f"seed{seed}")] == [10, 20, 30]
+    assert results[1]["eval_thread_s_per_round"] > 0 == results[0]["eval_thread_s_per_round"]
+    assert re.search(r"projected_min_2x1M_every_20k +[\d.]+ +[\d.]+", proc.stdout), proc.stdout[-2000:]
 
 
 def report_rows(path: Path) -> dict:
