@@ -27,13 +27,15 @@ Deliberate differences from the official code (README.md, "Deliberate difference
   radius 0.45 where D4RL's is 0.5), not on D4RL's mujoco-py antmaze; the network input adds the desired goal.
 * Each agent owns a torch.Generator; evaluation draws from a separate one, so it never shifts training noise.
 * The fast path on CUDA runs float32 matrix products in TF32, as JAX does by default on GPUs.
-* `--guidance none` (diffusion BC) and `--no-clip-sample` exist for ablations.
+* `--guidance none` (diffusion BC) and `--no-clip-sample` exist for ablations; `--critic-layer-norm` and
+  `--clip-target`, off by default, are remedies for a diverging critic.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import difflib
@@ -53,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +131,16 @@ class Config:
     critic_lr: float = arg(3e-4, "critic Adam learning rate (cosine-decayed to 0)")
     tau: float = arg(0.005, "Polyak rate of the target critics")
     gamma: float = arg(0.99, "discount")
+    critic_layer_norm: bool = arg(False, "LayerNorm in the critics' 3 hidden layers, between each linear map and its "
+                                         "Mish, with each critic's own scale and shift: a remedy for Q divergence in "
+                                         "offline RL (Yue et al. 2023, 'Understanding, predicting and better "
+                                         "resolving Q-value divergence in offline RL'; Ball et al. 2023, 'Efficient "
+                                         "online reinforcement learning with offline data')")
+    clip_target: bool = arg(False, "clip the TD target to the range of discounted returns the data's rewards allow, "
+                                   "on the training reward scale: [min r, max r] / (1 - gamma), or min r (max r) "
+                                   "itself as the lower (upper) end where that is further out, since a terminal's "
+                                   "target is r (as Andrychowicz et al. 2017, 'Hindsight experience replay', clip "
+                                   "their critic's targets to the range of possible values)")
     batch_size: int = arg(256, "transitions per gradient step", section="shared")
     hidden_dim: int = arg(256, "width of the 3 hidden layers of every network")
     grad_clip: float = arg(1.0, "global gradient-norm clip per network")
@@ -294,6 +307,21 @@ class VectorizedLinear(nn.Module):
         return torch.bmm(x, self.weight) + self.bias  # (H, M, out)
 
 
+class VectorizedLayerNorm(nn.Module):
+    """LayerNorm for H ensemble members: each member's features normalised over the feature dimension, then scaled
+    and shifted by that member's own parameters, as in the vmapped critic ensembles of RLPD (Ball et al. 2023) and
+    of the official code (its EnsembleQ's `layer_norm`, off for DAC). Flax's epsilon, 1e-6. x (H, M, features)."""
+
+    def __init__(self, features: int, ensemble: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ensemble, 1, features))
+        self.bias = nn.Parameter(torch.zeros(ensemble, 1, features))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps) * self.weight + self.bias  # (H, M, features)
+
+
 def flax_init_(net: nn.Module) -> None:
     """The official code's initialisation (Flax Dense with xavier_uniform): Xavier-uniform weights, U(-a, a) with
     a = sqrt(6 / (fan_in + fan_out)), drawn per ensemble member, and zero biases."""
@@ -305,13 +333,16 @@ def flax_init_(net: nn.Module) -> None:
 
 
 class EnsembleCritic(nn.Module):
-    """H Q-networks Q_h(s, a): 3 hidden layers, Mish, scalar output, all evaluated in one batched pass."""
+    """H Q-networks Q_h(s, a): 3 hidden layers, Mish, scalar output, all evaluated in one batched pass. With
+    layer_norm (--critic-layer-norm, not the paper's), each hidden layer is linear -> LayerNorm -> Mish: LayerNorm
+    before the activation, as Ball et al. (2023) and Yue et al. (2023) place it."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_qs: int = 10):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_qs: int = 10, layer_norm: bool = False):
         super().__init__()
-        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, num_qs), Mish(),
-                                 VectorizedLinear(hidden, hidden, num_qs), Mish(),
-                                 VectorizedLinear(hidden, hidden, num_qs), Mish(),
+        norm = lambda: [VectorizedLayerNorm(hidden, num_qs)] if layer_norm else []
+        self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, num_qs), *norm(), Mish(),
+                                 VectorizedLinear(hidden, hidden, num_qs), *norm(), Mish(),
+                                 VectorizedLinear(hidden, hidden, num_qs), *norm(), Mish(),
                                  VectorizedLinear(hidden, 1, num_qs))
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -332,6 +363,16 @@ def ensemble_value(v: torch.Tensor, kind: str, rho: float) -> torch.Tensor:
 def td_target(reward: torch.Tensor, terminal: torch.Tensor, next_value: torch.Tensor, gamma: float):
     """y = r + gamma (1 - terminal) V(s'). All (B,)."""
     return reward + gamma * (1 - terminal) * next_value
+
+
+def return_range(r_min: float, r_max: float, gamma: float) -> tuple:
+    """The range of the discounted returns sum_k gamma^k r_k of episodes of any length >= 1 whose rewards lie in
+    [r_min, r_max] (for --clip-target, not the paper's): [min(r_min, r_min / (1 - gamma)), max(r_max, r_max /
+    (1 - gamma))], which is [r_min, r_max] / (1 - gamma) when r_min <= 0 <= r_max; were every reward positive, the
+    lowest return would be one reward, r_min (a one-step episode). A TD target y = r + gamma (1 - terminal) V(s')
+    with V(s') in this range stays in it, a terminal's y = r included."""
+    horizon = 1 / (1 - gamma) if gamma < 1 else math.inf  # sum_k gamma^k
+    return (r_min if r_min >= 0 else r_min * horizon), (r_max if r_max <= 0 else r_max * horizon)
 
 
 def critic_loss(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -419,13 +460,17 @@ class DAC(nn.Module):
     """Actor, target actor (EMA), critic ensemble, target critics, eta and the step count, plus the two Adam
     optimisers. `update` is one whole gradient step."""
 
-    def __init__(self, cfg: Config, obs_dim: int, act_dim: int, device: torch.device):
+    def __init__(self, cfg: Config, obs_dim: int, act_dim: int, device: torch.device,
+                 reward_range: tuple = (-math.inf, math.inf)):
+        """reward_range: the lowest and highest reward of the training data, as scaled for training; with
+        clip_target the TD target's bounds come from it (unbounded without it: for an agent about to load a
+        checkpoint, which holds the bounds)."""
         super().__init__()
         self.cfg = cfg
         self.actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim)
         self.target_actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim)
-        self.critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs)
-        self.target_critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs)
+        self.critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs, cfg.critic_layer_norm)
+        self.target_critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs, cfg.critic_layer_norm)
         if cfg.init == "flax":
             flax_init_(self.actor)
             flax_init_(self.critic)
@@ -437,6 +482,10 @@ class DAC(nn.Module):
             self.register_buffer(name, value)
         self.register_buffer("eta", torch.tensor(float(cfg.eta)))
         self.register_buffer("step", torch.tensor(0, dtype=torch.long))  # gradient steps taken
+        if cfg.clip_target:  # the TD target's bounds, kept on the device and in checkpoints with the networks
+            low, high = return_range(*reward_range, cfg.gamma)
+            self.register_buffer("target_min", torch.tensor(float(low)))
+            self.register_buffer("target_max", torch.tensor(float(high)))
         self.to(device)
         self.gen = torch.Generator(device).manual_seed(cfg.seed)  # all of this agent's training randomness
         # The learning rates are tensors, set from the cosine schedule inside `update`, so that a step replayed
@@ -463,14 +512,15 @@ class DAC(nn.Module):
     @torch.no_grad()
     def critic_target(self, batch: Batch) -> torch.Tensor:
         """y = r + gamma (1 - terminal) LCB_h(mean_n Q'_h(s', a'_n)), a'_n ~ the target actor (N per state); with
-        next_action_max, max_n in place of mean_n (the official code's AntMaze backup). (B,)"""
+        next_action_max, max_n in place of mean_n (the official code's AntMaze backup); with clip_target, y clipped
+        to return_range of the data's rewards. (B,)"""
         B, N, H = batch.obs.shape[0], self.cfg.num_next_actions, self.cfg.num_qs
         s2 = batch.next_obs.repeat_interleave(N, dim=0)  # (B*N, S)
         a2 = ddpm_sample(self.target_actor, s2, self.sched, self.gen, self.cfg.clip_sample)  # (B*N, A)
         q2 = self.target_critic(s2, a2).view(H, B, N)  # (H, B, N)
         v2 = q2.amax(-1) if self.cfg.next_action_max else q2.mean(-1)  # (H, B)
-        return td_target(batch.rew, batch.terminal, ensemble_value(v2, self.cfg.q_target, self.cfg.rho),
-                         self.cfg.gamma)
+        y = td_target(batch.rew, batch.terminal, ensemble_value(v2, self.cfg.q_target, self.cfg.rho), self.cfg.gamma)
+        return y.clamp(self.target_min, self.target_max) if self.cfg.clip_target else y
 
     def update(self, batch: Batch) -> Metrics:
         """One gradient step: critic, target critics, actor, eta, target actor."""
@@ -569,11 +619,12 @@ class Run:
     def __init__(self, cfg: Config, data: DeviceData, dims: tuple, device: torch.device):
         self.cfg, self.data, self.out = cfg, data, Path(cfg.out)
         torch.manual_seed(cfg.seed)  # network initialisation
-        self.agent = DAC(cfg, *dims, device)
+        self.agent = DAC(cfg, *dims, device, data.reward_range)
         self.batches = EpochBatches(data, cfg.batch_size, cfg.seed) if cfg.batch_order == "epochs" else data
         self.metric_sums = {name: torch.zeros((), device=device) for name in Metrics._fields}
         self.metric_count, self.history, self.wall_seconds = 0, [], 0.0
         self.train_seconds = 0.0  # training time of the metric_count steps (across a resume): their steps/s
+        self.saving = None  # the thread that saves this run's last evaluation, if one does (appendix)
         ckpt_path = self.out / "checkpoint.pt"
         if cfg.resume:
             if not ckpt_path.exists():
@@ -610,6 +661,8 @@ class Run:
     def check_finite(self) -> None:
         bad = [name for name, value in self.metric_sums.items() if not torch.isfinite(value)]
         if bad:
+            if self.saving is not None:
+                self.saving.join()  # the checkpoint it saves is the last good one
             kept = (f"The last good checkpoint (step {self.history[-1]['step']}) is kept in "
                     f"{self.out / 'checkpoint.pt'}." if self.history else "No checkpoint had been written yet.")
             raise Diverged(
@@ -621,22 +674,32 @@ class Run:
         return self.wall_seconds + time.perf_counter() - self.started
 
     def evaluate_and_save(self, envs) -> dict:
-        """Evaluate, append a progress row, rewrite every output file, checkpoint. Returns the row."""
+        """Evaluate, append a progress row, checkpoint, rewrite the other output files. Returns the row."""
         self.check_finite()
-        result = evaluate(self.act, envs, self.cfg.seed * 1_000_003 + self.step, self.agent.step.device,
+        result = evaluate(self.act, envs, evaluation_seed(self.cfg, self.step), self.agent.step.device,
                           self.cfg.gamma, self.data.reward_scale)
-        row = {"step": self.step, "return_mean": float(result.returns.mean()),
-               "return_std": float(result.returns.std()),
-               "normalized_score": float(normalized_score(self.cfg.env, result.returns).mean()),
-               "eval_q_mean": result.q_mean, "eval_discounted_return": result.discounted_return,
-               "eval_action_at_bound": result.action_at_bound,
-               **{name: value.item() / max(self.metric_count, 1) for name, value in self.metric_sums.items()},
-               "steps_per_sec": self.metric_count / max(self.train_seconds, 1e-9)}
-        self.history.append(row)
+        window = self.end_window()  # before the checkpoint: it holds the sums of the next window
+        return self.save_evaluation(self.step, result, window, self.checkpoint())
+
+    def end_window(self) -> dict:
+        """The means of the training metrics since the last progress row, and those steps' steps/s; then the sums
+        start again."""
+        window = {name: value.item() / max(self.metric_count, 1) for name, value in self.metric_sums.items()}
+        window["steps_per_sec"] = self.metric_count / max(self.train_seconds, 1e-9)
         for value in self.metric_sums.values():
             value.zero_()
         self.metric_count, self.train_seconds = 0, 0.0
-        self.save_checkpoint()  # first: a row in progress.csv always has its checkpoint
+        return window
+
+    def save_evaluation(self, step: int, result: Evaluation, window: dict, ckpt: dict) -> dict:
+        """Append the progress row of the evaluation at `step` (training metrics: `window`), save `ckpt` (the state
+        at `step`) with that row in its history, then rewrite the other output files. Returns the row."""
+        row = {"step": step, "return_mean": float(result.returns.mean()), "return_std": float(result.returns.std()),
+               "normalized_score": float(normalized_score(self.cfg.env, result.returns).mean()),
+               "eval_q_mean": result.q_mean, "eval_discounted_return": result.discounted_return,
+               "eval_action_at_bound": result.action_at_bound, **window}
+        self.history.append(row)
+        save_checkpoint(self.out / "checkpoint.pt", {**ckpt, "history": self.history})
         self.write_outputs()
         return row
 
@@ -649,9 +712,9 @@ class Run:
                 writer.writerows(self.history)
             scores = [r["normalized_score"] for r in self.history]
             summary = {"final_score": float(np.mean(scores[-5:])), "best_score": float(np.max(scores)),
-                       "steps": self.step, "schedule_steps": self.cfg.steps, "stop_at": self.cfg.stop_at,
-                       "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env, "seed": self.cfg.seed,
-                       "data": self.cfg.dataset or default_sources(self.cfg.env)[0],
+                       "steps": self.history[-1]["step"], "schedule_steps": self.cfg.steps,
+                       "stop_at": self.cfg.stop_at, "wall_seconds": round(self.elapsed(), 1), "env": self.cfg.env,
+                       "seed": self.cfg.seed, "data": self.cfg.dataset or default_sources(self.cfg.env)[0],
                        "behaviour_score": self.data.behaviour_score, "note": score_note(self.cfg)}
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             plot_curve(self.history, self.out / "curve.png",
@@ -659,18 +722,22 @@ class Run:
                        self.data.behaviour_score)
         except OSError as e:
             raise UserError(f"cannot write {e.filename or self.out} ({e.strerror or e}). The checkpoint of step "
-                            f"{self.step} was written before it and is intact: free space (or make {self.out} "
-                            f"writable), then continue with the same command + --resume, which writes the outputs "
-                            f"again.") from None
+                            f"{self.history[-1]['step']} was written before it and is intact: free space (or make "
+                            f"{self.out} writable), then continue with the same command + --resume, which writes the "
+                            f"outputs again.") from None
+
+    def checkpoint(self) -> dict:
+        """What checkpoint.pt holds: the configuration, the agent's and the batches' state, the metric sums and the
+        history so far."""
+        return {"config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
+                "batches": self.batches.state() if self.cfg.batch_order == "epochs" else {},
+                "metric_sums": {name: value.cpu() for name, value in self.metric_sums.items()},
+                "metric_count": self.metric_count, "train_seconds": self.train_seconds,
+                "history": self.history, "wall": self.elapsed(), "reward_scale": self.data.reward_scale,
+                "data_files": {src: file_fingerprint(src) for src in self.cfg.dataset if is_file_source(src)}}
 
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.out / "checkpoint.pt",
-                        {"config": dataclasses.asdict(self.cfg), "agent": self.agent.full_state(),
-                         "batches": self.batches.state() if self.cfg.batch_order == "epochs" else {},
-                         "metric_sums": {name: value.cpu() for name, value in self.metric_sums.items()},
-                         "metric_count": self.metric_count, "train_seconds": self.train_seconds,
-                         "history": self.history, "wall": self.elapsed(), "reward_scale": self.data.reward_scale,
-                         "data_files": {src: file_fingerprint(src) for src in self.cfg.dataset if is_file_source(src)}})
+        save_checkpoint(self.out / "checkpoint.pt", self.checkpoint())
 
 
 PROGRESS_EVERY_SECONDS = 30.0  # output not a terminal (nohup, a cluster job, CI): a plain progress line this often
@@ -714,6 +781,15 @@ def train(cfgs: list, device: torch.device) -> None:
                                device) if cfgs[0].fast else None
     for cfg in cfgs:
         envs.setdefault(cfg.env, make_eval_envs(cfg.env, cfg.eval_episodes))
+
+    def show(run: Run, row: dict) -> None:  # a line per evaluation, above the progress bar
+        bar.write(f"{run.cfg.env} seed {run.cfg.seed} step {row['step']}: score {row['normalized_score']:.1f} "
+                  f"(return {row['return_mean']:.0f}), eta {row['eta']:.3f}, {row['steps_per_sec']:.0f} steps/s")
+        bar.set_postfix(score=f"{row['normalized_score']:.1f}", sps=f"{row['steps_per_sec']:.0f}")
+
+    # The fast path on CUDA evaluates in a thread while training goes on (appendix); else each run in turn, below.
+    background = (BackgroundEvaluation(runs, envs, show, fast_step) if evaluates_in_background(cfgs[0], device)
+                  else None)
     total, eval_every = cfgs[0].steps, cfgs[0].eval_every
     end = min(cfgs[0].stop_at or total, total)
     interrupted = []
@@ -751,12 +827,13 @@ def train(cfgs: list, device: torch.device) -> None:
             for run in runs:
                 run.train_seconds += seconds
             if runs[0].step % eval_every == 0 or runs[0].step == end:
-                for run in runs:
-                    row = run.evaluate_and_save(envs[run.cfg.env])
-                    bar.write(f"{run.cfg.env} seed {run.cfg.seed} step {row['step']}: score "
-                              f"{row['normalized_score']:.1f} (return {row['return_mean']:.0f}), eta {row['eta']:.3f}, "
-                              f"{row['steps_per_sec']:.0f} steps/s")
-                    bar.set_postfix(score=f"{row['normalized_score']:.1f}", sps=f"{row['steps_per_sec']:.0f}")
+                if background is not None:
+                    background.start()
+                else:
+                    for run in runs:
+                        show(run, run.evaluate_and_save(envs[run.cfg.env]))
+        if background is not None:
+            background.wait()  # the last rows and checkpoints are saved
     except Exception:
         if not interrupted:
             raise
@@ -770,6 +847,8 @@ def train(cfgs: list, device: torch.device) -> None:
                                           "yet: run the same command again to start over"), file=sys.stderr)
         sys.exit(130)
     finally:
+        if background is not None:
+            background.join()  # it uses the environments and the bar
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
         for e in envs.values():
@@ -853,12 +932,19 @@ class Evaluation(NamedTuple):
     action_at_bound: float         # fraction of action components at the +-1 bounds
 
 
-def evaluate(act, envs, seed: int, device: torch.device, gamma: float, reward_scale: float) -> Evaluation:
+def evaluation_seed(cfg: Config, step: int) -> int:
+    """The seed of a run's evaluation at `step`: of its environments and of its policy's generator."""
+    return cfg.seed * 1_000_003 + step
+
+
+def evaluate(act, envs, seed: int, device: torch.device, gamma: float, reward_scale: float,
+             gen: torch.Generator | None = None) -> Evaluation:
     """One episode per sub-environment, one batched policy call `act(states, gen)` (DAC.act, or its compiled
-    version) per time step. Uses its own generator, so evaluating never changes the training run's random stream.
+    version) per time step. Uses its own generator (`gen`, else a new one seeded with `seed`), so evaluating never
+    changes the training run's random stream.
     Q is compared with the return only at states whose discounted return is known to within 1%: every state of an
     episode that terminated, and states at least log(0.01)/log(gamma) steps before a time-limit cut."""
-    gen = torch.Generator(device).manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed) if gen is None else gen
     obs, _ = envs.reset(seed=seed)
     n = envs.num_envs
     running, cut = np.ones(n, dtype=bool), np.zeros(n, dtype=bool)
@@ -1150,6 +1236,7 @@ class DeviceData:
                         ("observations", "actions", "rewards", "next_observations", "terminals")]
         self.size = len(d["rewards"])
         self.reward_scale = float(d.get("reward_scale", 1.0))  # what the rewards were multiplied by
+        self.reward_range = float(d["rewards"].min()), float(d["rewards"].max())  # as scaled; for --clip-target
         self.behaviour_score = d.get("behaviour_score")  # the data's mean episode return, normalised (or None)
 
     def sample(self, batch_size: int, gen: torch.Generator) -> Batch:
@@ -1286,7 +1373,7 @@ def record_video(agent: DAC, env: str, path: Path) -> dict:
     animated GIF (Pillow, one 256-colour palette) or an .mp4 (H.264, by ffmpeg) that plays in simulated time. The
     episode has the seed of the evaluation at the agent's step: with --eval-episodes 1 it is that evaluation's
     episode. Returns what the video shows."""
-    seed, device = agent.cfg.seed * 1_000_003 + int(agent.step), agent.step.device
+    seed, device = evaluation_seed(agent.cfg, int(agent.step)), agent.step.device
     gen, e = torch.Generator(device).manual_seed(seed), render_env(env)
     every = max(1, round(e.metadata["render_fps"] / VIDEO_FPS))
     obs, _ = e.reset(seed=seed)
@@ -1399,6 +1486,9 @@ def write_report(records: list, folder: Path) -> Path:
 
 
 CHECKPOINT_FORMAT = 3  # 2: hand-written Adam's moments as buffers; 3: torch.optim.Adam's state_dicts
+# Config fields newer than some format-3 checkpoints, each with the value that trains as dac.py did before the field
+# existed: a checkpoint without the field was trained with that value, and loads as if it held it.
+ADDED_FIELDS = {"critic_layer_norm": False, "clip_target": False}
 
 
 def checksum_path(path: Path) -> Path:
@@ -1464,6 +1554,8 @@ def load_checkpoint(path: Path, device: torch.device, cfg: Config | None = None)
         raise UserError(f"checkpoint {path} has format {fmt}, written by another version of "
                         f"dac.py; this one reads format {CHECKPOINT_FORMAT}. Resume or evaluate it with the dac.py "
                         f"that wrote it, or start a new run in another --out.")
+    for name, value in ADDED_FIELDS.items():
+        saved.setdefault(name, value)
     if expected is None:
         raise UserError(f"checkpoint {path} has no {sums.name} beside it (dac.py writes one with every checkpoint, "
                         f"to detect damage), so it cannot be checked. Copy that file along with the checkpoint; "
@@ -1552,7 +1644,7 @@ def eval_only(cfg: Config, given: set, device: torch.device) -> None:
         check_video(Path(cfg.video), saved.env)
     envs = make_eval_envs(saved.env, cfg.eval_episodes)
     act = make_policy(agent, cfg.fast)
-    result = evaluate(act, envs, saved.seed * 1_000_003 + int(agent.step), device, saved.gamma, ckpt["reward_scale"])
+    result = evaluate(act, envs, evaluation_seed(saved, int(agent.step)), device, saved.gamma, ckpt["reward_scale"])
     envs.close()
     result = {"checkpoint": str(path), "step": int(agent.step), "episodes": cfg.eval_episodes,
               "return_mean": float(result.returns.mean()), "return_std": float(result.returns.std()),
@@ -1896,18 +1988,23 @@ class CapturedPolicy:
 
     def __call__(self, states: torch.Tensor, gen: torch.Generator) -> tuple:
         if self.key != (states.shape, gen):
-            self.states, scratch = states.clone(), torch.Generator(states.device).manual_seed(0)
-            with side_stream():
-                for _ in range(2):
-                    self.act(self.states, scratch)
-            self.graph = torch.cuda.CUDAGraph()
-            self.graph.register_generator_state(gen)
-            with torch.cuda.graph(self.graph):
-                self.outputs = self.act(self.states, gen)
-            self.key = (states.shape, gen)
+            self.capture(states, gen)
         self.states.copy_(states)
         self.graph.replay()
         return self.outputs
+
+    def capture(self, states: torch.Tensor, gen: torch.Generator) -> None:
+        """Capture for the batch size of `states` and for `gen`. Capturing draws nothing from `gen`: the first
+        replay draws what the uncaptured policy's first call would."""
+        self.states, scratch = states.clone(), torch.Generator(states.device).manual_seed(0)
+        with side_stream():
+            for _ in range(2):
+                self.act(self.states, scratch)
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.register_generator_state(gen)
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.act(self.states, gen)
+        self.key = (states.shape, gen)
 
 
 def make_policy(agent: DAC, fast: bool):
@@ -1916,7 +2013,7 @@ def make_policy(agent: DAC, fast: bool):
     if not fast:
         return agent.act
     act = torch.compile(agent.act)
-    return CapturedPolicy(act) if agent.step.device.type == "cuda" else act
+    return CapturedPolicy(act) if next(agent.actor.parameters()).device.type == "cuda" else act
 
 
 def make_fast_step(agents: list, datas: list, metric_sums: list, device: torch.device):
@@ -1942,6 +2039,103 @@ def make_fast_step(agents: list, datas: list, metric_sums: list, device: torch.d
             main.wait_stream(stream)
 
     return CapturedStep(step_all, [agent.gen for agent in agents])
+
+
+def evaluates_in_background(cfg: Config, device: torch.device) -> bool:
+    """Whether train() evaluates with BackgroundEvaluation: on the fast path on CUDA, where the GPU can go on
+    training while the host steps the evaluation's environments."""
+    return cfg.fast and device.type == "cuda"
+
+
+class PolicyCopy(nn.Module):
+    """A copy of what DAC.act reads (actor, target critics, diffusion schedule, settings): the policy of one step,
+    while the agent trains on. `copy_from` refreshes it in place, so a policy captured on it stays valid."""
+
+    act, sched = DAC.act, DAC.sched
+
+    def __init__(self, agent: DAC):
+        super().__init__()
+        self.cfg = agent.cfg
+        self.actor, self.target_critic = copy.deepcopy(agent.actor), copy.deepcopy(agent.target_critic)
+        for name in ("alphas", "betas", "abar"):
+            self.register_buffer(name, getattr(agent, name).clone())
+
+    def copy_from(self, agent: DAC) -> None:
+        mine = self.state_dict().keys()
+        self.load_state_dict({name: value for name, value in agent.state_dict().items() if name in mine})
+
+
+def on_host(tree):
+    """A copy of nested dicts and lists with every tensor copied to the host: their values at this moment."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {key: on_host(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(on_host(value) for value in tree)
+    return tree
+
+
+class BackgroundEvaluation:
+    """Evaluation that does not stall training. At an evaluation step `start` takes each run's state of that step
+    (its policy's weights into a PolicyCopy on the device, its checkpoint onto the host) and ends its metric window;
+    then a thread evaluates the copies as Run.evaluate_and_save would (`evaluate`, the same seeds, so the same
+    scores) and saves each run's row and checkpoint, while the training loop goes on. On CUDA the thread works on a
+    stream of its own, and each policy is captured for its evaluation's generator before the thread starts: no
+    other thread may use CUDA during a capture. `wait` waits for the thread and raises what it raised."""
+
+    def __init__(self, runs: list, envs: dict, show, fast_step):
+        self.runs, self.envs, self.show, self.fast_step = runs, envs, show, fast_step
+        self.copies = [PolicyCopy(run.agent) for run in runs]
+        self.policies = [make_policy(policy_copy, run.cfg.fast) for policy_copy, run in zip(self.copies, runs)]
+        device = runs[0].agent.step.device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.thread, self.error = None, None
+
+    def start(self) -> None:
+        self.wait()  # the previous evaluation is saved and its copies are free
+        jobs = []
+        try:
+            for run, policy_copy, policy in zip(self.runs, self.copies, self.policies):
+                run.check_finite()
+                device, seed = run.agent.step.device, evaluation_seed(run.cfg, run.step)
+                policy_copy.copy_from(run.agent)
+                gen = torch.Generator(device).manual_seed(seed)
+                if isinstance(policy, CapturedPolicy):
+                    policy.capture(torch.zeros(self.envs[run.cfg.env].observation_space.shape, device=device), gen)
+                window = run.end_window()  # before the checkpoint, as in Run.evaluate_and_save
+                jobs.append((run, policy, seed, gen, run.step, window, on_host(run.checkpoint())))
+        finally:  # a run that diverged stops the loop, after the runs before it
+            if jobs:
+                if self.stream is not None:
+                    self.stream.wait_stream(torch.cuda.current_stream())  # after the copies
+                self.thread = threading.Thread(target=self.evaluate_in_turn, args=(jobs,))
+                self.thread.start()
+                for run in self.runs:
+                    run.saving = self.thread
+        if isinstance(self.fast_step, CapturedStep) and self.fast_step.graph is None:
+            self.wait()  # the training step is captured later: no other thread may use CUDA then
+
+    def evaluate_in_turn(self, jobs: list) -> None:
+        try:
+            with torch.cuda.stream(self.stream):
+                for run, policy, seed, gen, step, window, ckpt in jobs:
+                    result = evaluate(policy, self.envs[run.cfg.env], seed, gen.device, run.cfg.gamma,
+                                      run.data.reward_scale, gen)
+                    self.show(run, run.save_evaluation(step, result, window, ckpt))
+        except BaseException as e:  # raised in the training thread, by `wait`
+            self.error = e
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def wait(self) -> None:
+        self.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 if __name__ == "__main__":

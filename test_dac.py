@@ -5,7 +5,8 @@
    update step against a slow re-derivation of the paper's losses, eta's dual ascent, the argmax of policy
    extraction, EMA/Polyak timing, the ensemble's independence, defaults and presets, data loading.
 2. The command line, as subprocesses (exit codes, stderr, no traceback): end-to-end runs on a tiny D4RL-layout
-   hdf5 file and a tiny local Minari dataset made here, exact resume after an interruption, every user error.
+   hdf5 file and a tiny local Minari dataset made here, exact resume after an interruption, every user error;
+   the fast path's evaluation in a background thread, run on the CPU, against evaluating each run in turn.
 3. AntMaze: a tiny dataset recorded here in Gymnasium-Robotics' real AntMaze_UMaze, its observations and success
    scoring, an end-to-end run on it, the error without Minari's dataset.
 
@@ -27,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -82,6 +84,38 @@ def one_second_step(self):
     if self.step == stop_at:
         os.kill(os.getpid(), signal.SIGINT)
 dac.Run.after_step = one_second_step
+dac.main(sys.argv[1:])
+"""
+
+# Runs dac.main with the background evaluation of the fast path on CUDA (dac.BackgroundEvaluation) on the CPU. Each
+# evaluation starts `argv[1]` seconds late, so that training goes on meanwhile; a real SIGINT arrives right after
+# gradient step `argv[2]` (0: none). Each save prints a line 'SAVED [folder, what, rows in its history, step]', and
+# each checkpoint saved is also kept as checkpoint-<rows>.pt (with its .sha256).
+BACKGROUND_EVALUATION = """
+import json, os, shutil, signal, sys, time
+import dac
+delay, stop_at = float(sys.argv.pop(1)), int(sys.argv.pop(1))
+dac.evaluates_in_background = lambda cfg, device: True
+evaluate, save_checkpoint, write_outputs, after_step = (dac.evaluate, dac.save_checkpoint, dac.Run.write_outputs,
+                                                        dac.Run.after_step)
+def late_evaluate(*args):
+    time.sleep(delay)
+    return evaluate(*args)
+def logged_save(path, ckpt):
+    save_checkpoint(path, ckpt)
+    rows = len(ckpt["history"])
+    for name in (path.name, path.name + ".sha256"):
+        shutil.copy(path.parent / name, path.parent / name.replace("checkpoint", f"checkpoint-{rows}"))
+    print("SAVED", json.dumps([path.parent.name, "checkpoint", rows, int(ckpt["agent"]["nets"]["step"])]), flush=True)
+def logged_write(self):
+    write_outputs(self)
+    print("SAVED", json.dumps([self.out.name, "progress", len(self.history), self.history[-1]["step"]]), flush=True)
+def interrupting_step(self):
+    after_step(self)
+    if self.step == stop_at:
+        os.kill(os.getpid(), signal.SIGINT)
+dac.evaluate, dac.save_checkpoint, dac.Run.write_outputs, dac.Run.after_step = (late_evaluate, logged_save,
+                                                                                logged_write, interrupting_step)
 dac.main(sys.argv[1:])
 """
 
@@ -179,11 +213,11 @@ def load_ckpt(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def tiny_agent(**overrides) -> dac.DAC:
+def tiny_agent(reward_range=(-math.inf, math.inf), **overrides) -> dac.DAC:
     cfg = dac.Config(**{**dict(hidden_dim=16, batch_size=8, num_qs=3, num_next_actions=4, num_action_samples=5,
                                T=5, steps=100, seed=3), **overrides})
     torch.manual_seed(0)
-    return dac.DAC(cfg, S, A, CPU)
+    return dac.DAC(cfg, S, A, CPU, reward_range)
 
 
 def random_batch(B=8, seed=1) -> dac.Batch:
@@ -373,6 +407,56 @@ def test_critic_target_uses_target_actor_and_lcb_over_n_next_actions():
     v = q.reshape(H, B, N).mean(-1)  # (H, B)
     expected = batch.rew.numpy() + 0.9 * (1 - batch.terminal.numpy()) * (v.mean(0) - 1.5 * v.std(0))
     np.testing.assert_allclose(y.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_return_range_holds_every_discounted_return_of_the_rewards():
+    """[r_min, r_max] / (1 - gamma), except that an end whose reward has the other sign is that reward itself (the
+    return of a one-step episode); gamma = 1 leaves such ends unbounded."""
+    assert dac.return_range(-1.0, 2.0, 0.9) == pytest.approx((-10.0, 20.0))
+    assert dac.return_range(0.5, 2.0, 0.9) == pytest.approx((0.5, 20.0))  # all positive: the lowest return is 0.5
+    assert dac.return_range(-3.0, -1.0, 0.9) == pytest.approx((-30.0, -1.0))
+    assert dac.return_range(0.0, 2.0, 1.0) == (0.0, math.inf) and dac.return_range(-1.0, 0.0, 1.0) == (-math.inf, 0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # returns of random episodes (1 to 400 steps) of rewards in [0.5, 2] lie inside
+        r = rng.uniform(0.5, 2.0, rng.integers(1, 400))
+        assert 0.5 <= (0.9 ** np.arange(len(r)) * r).sum() <= 20.0
+
+
+def test_clip_target_bounds_targets_on_a_crafted_batch():
+    """With --clip-target the critic target is the unclipped one clamped to return_range of the data's rewards:
+    targets from a diverged target critic (|Q'| ~ 1e6) stop at the bounds, targets inside are unchanged bit for
+    bit, and a terminal's y = r stays r even where r < r_min / (1 - gamma)."""
+    agents = {clip: tiny_agent(reward_range=(0.5, 2.0), gamma=0.9, rho=1.5, clip_target=clip) for clip in (False, True)}
+    for agent in agents.values():
+        agent.target_critic = RecordingCritic(agent.cfg.num_qs)  # Q'_h = (h + 1) s'[0] + a'[0]
+    batch = random_batch(B=6)
+    rew = torch.tensor([0.5, 2.0, 0.5, 1.0, 1.0, 0.7])
+    next_obs = batch.next_obs.clone()
+    next_obs[:, 0] = torch.tensor([1e6, 1e6, -1e6, 1e6, -1e6, 0.1])
+    terminal = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    batch = batch._replace(rew=rew, next_obs=next_obs, terminal=terminal)
+
+    y = {clip: agent.critic_target(batch) for clip, agent in agents.items()}
+    assert (agents[True].target_min.item(), agents[True].target_max.item()) == pytest.approx((0.5, 20.0))
+    assert torch.equal(y[True], y[False].clamp(0.5, 20.0))
+    assert torch.equal(y[True][:3], rew[:3])  # terminal: y = r, 0.5 included (not raised to 0.5 / (1 - 0.9) = 5)
+    assert y[False][3] > 1e5 and y[True][3] == 20.0  # a diverged next value: at the upper bound
+    assert y[False][4] < -1e5 and y[True][4] == 0.5  # ... and at the lower one
+    assert 0.5 < y[False][5] < 20.0 and y[True][5] == y[False][5]  # inside: unchanged
+
+
+def test_clip_target_changes_nothing_else():
+    """--clip-target adds two buffers, the bounds; where no target reaches them, two whole updates (networks,
+    optimisers, eta, metrics) are bit-identical to the paper's. The default agent has no such buffers."""
+    default, clipped = tiny_agent(), tiny_agent(reward_range=(-100.0, 100.0), clip_target=True)  # bounds +-1e4
+    assert set(clipped.state_dict()) - set(default.state_dict()) == {"target_min", "target_max"}
+    assert not any("target_m" in name for name in default.state_dict())
+    for seed in (1, 2):
+        assert_same(default.update(random_batch(seed=seed))._asdict(),
+                    clipped.update(random_batch(seed=seed))._asdict(), "metrics")
+    state = clipped.full_state()
+    del state["nets"]["target_min"], state["nets"]["target_max"]
+    assert_same(default.full_state(), state, "agent")
 
 
 # ======================================================================================================
@@ -610,6 +694,63 @@ def test_ensemble_members_are_independent_mlps():
     assert actor.time_mlp[0].in_features == 16 and sum(isinstance(m, dac.Mish) for m in actor.net) == 3
 
 
+def test_layer_norm_critic_normalises_each_member_before_its_mish():
+    """--critic-layer-norm: every hidden layer of every member is linear -> LayerNorm over its features (that
+    member's own scale and shift, epsilon 1e-6) -> Mish; the output layer has none; members stay independent."""
+    torch.manual_seed(0)
+    critic = dac.EnsembleCritic(S, A, hidden=16, num_qs=4, layer_norm=True)
+    kinds = [type(m).__name__ for m in critic.net]
+    assert kinds == ["VectorizedLinear", "VectorizedLayerNorm", "Mish"] * 3 + ["VectorizedLinear"]
+    norms = critic.net[1::3]
+    for norm in norms:
+        assert norm.weight.shape == norm.bias.shape == (4, 1, 16)  # (H, 1, features): per member
+        assert torch.equal(norm.weight, torch.ones(4, 1, 16)) and torch.equal(norm.bias, torch.zeros(4, 1, 16))
+        with torch.no_grad():  # distinct scales and shifts per member, so that sharing them would show
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.uniform_(-1.0, 1.0)
+    s, a = torch.randn(6, S), torch.randn(6, A)
+    q = critic(s, a)  # (H, M)
+    assert q.shape == (4, 6)
+    x = torch.cat([s, a], -1)
+    for h in range(4):
+        z = x
+        for i, layer in enumerate(critic.net[::3]):
+            z = z @ layer.weight[h] + layer.bias[h]
+            if i < 3:
+                mean, var = z.mean(-1, keepdim=True), z.var(-1, unbiased=False, keepdim=True)
+                z = nn.functional.mish((z - mean) / torch.sqrt(var + 1e-6) * norms[i].weight[h] + norms[i].bias[h])
+        torch.testing.assert_close(q[h], z.squeeze(-1))
+    with torch.no_grad():
+        norms[1].weight[0].add_(1.0)
+    q2 = critic(s, a)
+    assert not torch.allclose(q2[0], q[0]) and torch.equal(q2[1:], q[1:])
+
+
+def test_layer_norm_changes_only_the_critics():
+    """--critic-layer-norm adds LayerNorm parameters to the critic and the target critics and nothing else: the
+    same random draws make the actors and every linear layer as without it, and the critic's LayerNorm parameters
+    are trained (they are in its optimiser, and the target critics follow them)."""
+    default, normed = tiny_agent(), tiny_agent(critic_layer_norm=True)
+    assert_same(default.actor.state_dict(), normed.actor.state_dict(), "actor")
+    assert_same(default.target_actor.state_dict(), normed.target_actor.state_dict(), "target_actor")
+    for net in ("critic", "target_critic"):
+        linear = lambda agent: [m.state_dict() for m in getattr(agent, net).net if isinstance(m, dac.VectorizedLinear)]
+        assert_same(linear(default), linear(normed), net)
+    norms = {f"{name}.{p}" for name, m in normed.named_modules() if isinstance(m, dac.VectorizedLayerNorm)
+             for p in ("weight", "bias")}
+    assert norms == {f"{net}.net.{i}.{p}" for net in ("critic", "target_critic") for i in (1, 4, 7)
+                     for p in ("weight", "bias")}
+    assert len(normed.state_dict()) == len(default.state_dict()) + len(norms)
+    not_critic = lambda agent: {k for k in agent.state_dict() if "critic" not in k}
+    assert not_critic(default) == not_critic(normed)
+    assert not any(isinstance(m, dac.VectorizedLayerNorm) for m in default.modules())
+    norm, target_norm = normed.critic.net[4], normed.target_critic.net[4]
+    assert any(p is norm.weight for p in normed.critic_opt.param_groups[0]["params"])
+    normed.update(random_batch())
+    assert not torch.equal(norm.weight, torch.ones_like(norm.weight))
+    torch.testing.assert_close(target_norm.weight - 1, normed.cfg.tau * (norm.weight - 1))  # Polyak from ones
+
+
 def test_defaults_are_the_papers_and_presets_apply_before_flags():
     c = dac.Config()
     paper = dict(T=5, batch_size=256, actor_lr=3e-4, critic_lr=3e-4, grad_clip=1.0, gamma=0.99, steps=2_000_000,
@@ -802,9 +943,11 @@ def test_curve_shows_the_score_on_a_fixed_scale_beside_the_behaviour_data_and_ze
 # ======================================================================================================
 # Fast path: the compiled step is the same function as the eager one
 # ======================================================================================================
-def test_fast_path_matches_eager_step_for_step():
+@pytest.mark.parametrize("remedies", [{}, dict(critic_layer_norm=True, clip_target=True)], ids=["paper", "remedies"])
+def test_fast_path_matches_eager_step_for_step(remedies):
     """torch.compile'd update (the fast path on CPU; on CUDA it is also replayed as a graph) gives the same
-    losses, eta and parameters as the eager update for the same seed and data, within float tolerance."""
+    losses, eta and parameters as the eager update for the same seed and data, within float tolerance; also with
+    --critic-layer-norm and --clip-target (bounds +-0.5 here, which the targets reach)."""
     rng = np.random.default_rng(0)
     arrays = {"observations": rng.normal(size=(64, S)), "next_observations": rng.normal(size=(64, S)),
               "actions": rng.uniform(-1, 1, size=(64, A)), "rewards": rng.normal(size=64),
@@ -812,7 +955,7 @@ def test_fast_path_matches_eager_step_for_step():
     data = dac.DeviceData({k: v.astype(np.float32) for k, v in arrays.items()}, CPU)
     metrics, agents = {}, {}
     for fast in (False, True):
-        agent = tiny_agent(actor_ema_start=2, actor_ema_every=1)
+        agent = tiny_agent(reward_range=(-0.005, 0.005), actor_ema_start=2, actor_ema_every=1, **remedies)
         metric_sum = {name: torch.zeros(()) for name in dac.Metrics._fields}
         step = (dac.make_fast_step([agent], [data], [metric_sum], CPU) if fast
                 else lambda: dac.gradient_step(agent, data, metric_sum))
@@ -1094,12 +1237,40 @@ def test_eval_only_reproduces_the_last_evaluation(base_run, ws):
     assert result["normalized_score"] == pytest.approx(last["normalized_score"], rel=1e-9)
 
 
-def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
-    """A critic learning rate of 1e6 blows Q up on the second step; evaluating every step, the step-1
-    checkpoint is the last good one and must be what is left."""
+def test_cli_with_the_remedies_keeps_their_parameters_and_bounds_in_its_checkpoint(ws, tmp_path):
+    """--critic-layer-norm --clip-target from the command line: the checkpoint holds each critic's LayerNorm
+    parameters and the bounds from the data's rewards as scaled for training (all positive in the tiny data, so the
+    lower bound is min r itself); --eval-only reproduces its last evaluation; --resume without them is refused."""
     out = tmp_path / "run"
-    proc = cli(["--env", "hopper-medium-v2", "--dataset", ws.hdf5, *TINY, "--steps", "6", "--eval-every", "1",
-                "--eval-episodes", "1", "--critic-lr", "1e6", "--out", out], ws.env)
+    proc = cli(["--env", "hopper-medium-v2", "--dataset", ws.hdf5, "--steps", "20", "--eval-every", "10", *TINY,
+                "--critic-layer-norm", "--clip-target", "--out", out], ws.env)
+    assert_ok(proc)
+    config = json.loads((out / "config.json").read_text())
+    assert config["critic_layer_norm"] is True and config["clip_target"] is True
+    ckpt = load_ckpt(out / "checkpoint.pt")
+    nets = ckpt["agent"]["nets"]
+    for net in ("critic", "target_critic"):
+        assert nets[f"{net}.net.0.weight"].shape == (3, S + A, 32)
+        assert all(nets[f"{net}.net.{i}.{p}"].shape == (3, 1, 32) for i in (1, 4, 7) for p in ("weight", "bias"))
+    rewards = dac.load_dataset(dac.Config(env="hopper-medium-v2", dataset=[str(ws.hdf5)]), S, A)["rewards"]
+    low, high = dac.return_range(float(rewards.min()), float(rewards.max()), 0.99)
+    assert low == float(rewards.min()) > 0 and high == pytest.approx(100 * float(rewards.max()))
+    assert (nets["target_min"].item(), nets["target_max"].item()) == pytest.approx((low, high), rel=1e-6)
+    proc = cli(["--eval-only", out / "checkpoint.pt", "--eval-episodes", "2", "--no-fast"], ws.env)
+    assert_ok(proc)
+    assert json.loads(proc.stdout)["return_mean"] == pytest.approx(ckpt["history"][-1]["return_mean"], rel=1e-9)
+    assert_user_error(cli(["--resume", "--out", out, "--no-critic-layer-norm"], ws.env), "another configuration",
+                      "critic_layer_norm: checkpoint True, now False")
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["in turn", "in the background"])
+def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path, background):
+    """A critic learning rate of 1e6 blows Q up on the second step; evaluating every step, the step-1
+    checkpoint is the last good one and must be what is left, also when evaluations run in the background."""
+    out = tmp_path / "run"
+    proc = cli([*(["0.2", "0"] if background else []), "--env", "hopper-medium-v2", "--dataset", ws.hdf5, *TINY,
+                "--steps", "6", "--eval-every", "1", "--eval-episodes", "1", "--critic-lr", "1e6", "--out", out],
+               ws.env, script=BACKGROUND_EVALUATION if background else None)
     msg = assert_user_error(proc, "diverged", "critic_loss", str(out / "checkpoint.pt"), rc=1)
     assert "step 1" in msg
     ckpt = load_ckpt(out / "checkpoint.pt")
@@ -1111,6 +1282,17 @@ def test_non_finite_losses_stop_and_keep_last_good_checkpoint(ws, tmp_path):
 # ======================================================================================================
 # Command line: every user error gives a short specific message, a non-zero exit and no traceback
 # ======================================================================================================
+def test_divergence_names_the_checkpoint_a_background_evaluation_is_still_saving(tmp_path):
+    """Found between evaluations (every 1000 steps) while the last evaluation's row and checkpoint are still being
+    saved in the background: the message waits for that save and names its step."""
+    run = SimpleNamespace(metric_sums={"critic_loss": torch.tensor(math.nan)}, history=[], out=tmp_path, step=1000,
+                          cfg=dac.Config())
+    run.saving = threading.Thread(target=lambda: (time.sleep(0.3), run.history.append({"step": 800})))
+    run.saving.start()
+    with pytest.raises(dac.Diverged, match=r"last good checkpoint \(step 800\)"):
+        dac.Run.check_finite(run)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="--device auto would pick the GPU")
 def test_device_auto_on_the_cpu_says_how_long_a_long_run_takes(ws, tmp_path, capsys):
     """--device auto without a GPU: one 'note:' line with the expected time, for a long run only (2M steps at the
@@ -1502,6 +1684,45 @@ def test_checkpoint_of_another_format_is_refused(ws, run_copy):
     assert path.read_bytes() == before
 
 
+def test_remedies_checkpoint_round_trip(tmp_path):
+    """An agent with --critic-layer-norm and --clip-target, saved after 3 updates and loaded into a fresh agent
+    built without the data's reward range: networks (LayerNorm parameters included), bounds, optimisers and
+    generator come back exactly, and the next update, which clips, is the same bit for bit."""
+    agent = tiny_agent(reward_range=(-0.05, 0.05), gamma=0.9, critic_layer_norm=True, clip_target=True)  # +-0.5
+    for seed in (1, 2, 3):
+        agent.update(random_batch(seed=seed))
+    path = tmp_path / "checkpoint.pt"
+    dac.save_checkpoint(path, {"config": dataclasses.asdict(agent.cfg), "agent": agent.full_state()})
+    ckpt = dac.load_checkpoint(path, CPU, agent.cfg)
+    restored = dac.DAC(dac.Config(**ckpt["config"]), S, A, CPU)
+    restored.load_full_state(ckpt["agent"])
+    assert_same(agent.full_state(), restored.full_state(), "agent")
+    assert restored.critic.net[1].weight.shape == restored.target_critic.net[7].bias.shape == (3, 1, 16)
+    assert (restored.target_min.item(), restored.target_max.item()) == pytest.approx((-0.5, 0.5))
+    batch = random_batch(seed=4)
+    assert (batch.terminal * batch.rew.abs() > 0.5).any()  # a terminal target y = r beyond the bounds: clipped
+    assert_same(agent.update(batch)._asdict(), restored.update(batch)._asdict(), "metrics")
+    assert_same(agent.full_state(), restored.full_state(), "agent after an update")
+
+
+def test_checkpoint_from_before_the_remedies_resumes_and_evaluates(ws, run_copy):
+    """A checkpoint written before critic_layer_norm and clip_target existed (its configuration lacks them) was
+    trained without them: --resume and --eval-only load it so, and it still refuses another configuration."""
+    path = run_copy / "checkpoint.pt"
+    ckpt = load_ckpt(path)
+    for name in ("critic_layer_norm", "clip_target"):
+        del ckpt["config"][name]
+    dac.save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "format"})
+    proc = cli(["--resume", "--out", run_copy], ws.env)
+    assert_ok(proc)
+    config = json.loads(proc.stdout.split("config:", 1)[1].splitlines()[0])
+    assert (config["critic_layer_norm"], config["clip_target"], config["steps"]) == (False, False, 40)
+    assert "seed 0: done" in proc.stdout
+    assert_ok(cli(["--eval-only", path, "--eval-episodes", "1", "--no-fast"], ws.env))
+    assert_user_error(cli(["--resume", "--out", run_copy, "--clip-target"], ws.env), "another configuration",
+                      "clip_target: checkpoint False, now True")
+
+
 def test_eval_only_refuses_other_settings(ws, base_run):
     assert_user_error(cli(["--eval-only", base_run.out / "checkpoint.pt", "--no-fast", "--hidden-dim", "64"], ws.env),
                       "--hidden-dim")
@@ -1604,6 +1825,140 @@ def test_stop_at_then_resume_ends_exactly_as_one_uninterrupted_run(base_run, ws,
     ref, got = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
     assert_same(ref["agent"], got["agent"], "agent")
     assert_same(ref["batches"], got["batches"], "batches")
+
+
+# ======================================================================================================
+# Evaluation in the background (the fast path on CUDA), checked on the CPU
+# ======================================================================================================
+def saves(proc: subprocess.CompletedProcess) -> dict:
+    """The SAVED lines of a BACKGROUND_EVALUATION run, per run folder, in order: (what, rows, step)."""
+    found = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("SAVED "):
+            folder, *event = json.loads(line[6:])
+            found.setdefault(folder, []).append(tuple(event))
+    return found
+
+
+def without_rates(rows: list) -> list:
+    return [{k: v for k, v in r.items() if k != "steps_per_sec"} for r in rows]
+
+
+def test_policy_copy_acts_as_the_agent_of_its_step():
+    """PolicyCopy keeps the policy of the step it was copied at (DAC.act on copied weights: the same actions and Q
+    for the same generator) while the agent trains on, until copy_from takes the new weights."""
+    agent, states = tiny_agent(), torch.randn(6, S, generator=torch.Generator().manual_seed(2))
+    act = lambda policy: policy.act(states, torch.Generator().manual_seed(7))
+    policy = dac.PolicyCopy(agent)
+    before = act(agent)
+    data = dac.DeviceData({"observations": np.random.default_rng(0).normal(size=(64, S)).astype(np.float32),
+                           "actions": np.zeros((64, A), np.float32), "rewards": np.ones(64, np.float32),
+                           "next_observations": np.zeros((64, S), np.float32), "terminals": np.zeros(64, np.float32)},
+                          CPU)
+    for _ in range(2):
+        dac.gradient_step(agent, data, {name: torch.zeros(()) for name in dac.Metrics._fields})
+    after = act(agent)
+    assert not torch.equal(before[0], after[0])
+    for mine, theirs in zip(act(policy), before):
+        assert torch.equal(mine, theirs)
+    policy.copy_from(agent)
+    for mine, theirs in zip(act(policy), after):
+        assert torch.equal(mine, theirs)
+
+
+def test_background_evaluation_gives_the_rows_and_checkpoints_of_evaluating_in_turn(base_run, ws, tmp_path):
+    """Evaluating in a background thread while training goes on writes exactly the progress rows and checkpoints of
+    evaluating each run in turn: seed 0 trained between seeds 1 and 2 (in the middle, so that taking the first or the
+    last run's weights, seeds or metrics would show) equals seed 0 trained alone, scores, Q and losses included. Each
+    checkpoint holds the state of its evaluation's step although training went on meanwhile, is saved before its
+    progress row, and a run resumed from it ends as the uninterrupted run."""
+    group = tmp_path / "group"
+    proc = cli(["0.5", "0", *BASE_RUN, "--dataset", ws.hdf5, "--seeds", "1", "0", "2", "--out", group], ws.env,
+               script=BACKGROUND_EVALUATION)
+    assert_ok(proc)
+    expected = [("checkpoint", 1, 20), ("progress", 1, 20), ("checkpoint", 2, 40), ("progress", 2, 40)]
+    assert saves(proc) == {"seed1": expected, "seed0": expected, "seed2": expected}
+    ref = without_rates(progress_rows(base_run.out))
+    assert without_rates(progress_rows(group / "seed0")) == ref
+    assert without_rates(progress_rows(group / "seed1")) != ref != without_rates(progress_rows(group / "seed2"))
+    alone, grouped = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(group / "seed0" / "checkpoint.pt")
+    for key in ("agent", "batches", "metric_sums", "metric_count"):
+        assert_same(alone[key], grouped[key], key)
+    assert without_rates(grouped["history"]) == without_rates(alone["history"])
+
+    resumed = tmp_path / "resumed"  # from the checkpoint of step 20, saved while training went on to step 40
+    resumed.mkdir()
+    for name in ("checkpoint.pt", "checkpoint.pt.sha256"):
+        shutil.copy(group / "seed0" / name.replace("checkpoint", "checkpoint-1"), resumed / name)
+    assert_ok(cli(["--resume", "--out", resumed], ws.env))
+    got = load_ckpt(resumed / "checkpoint.pt")
+    assert int(got["agent"]["nets"]["step"]) == 40
+    for key in ("agent", "batches", "metric_sums"):
+        assert_same(alone[key], got[key], key)
+    assert without_rates(got["history"]) == without_rates(alone["history"])
+
+
+def test_ctrl_c_waits_for_the_background_evaluation_and_resume_is_exact(base_run, ws, tmp_path):
+    """Ctrl-C after step 21, while the evaluation of step 20 is still running in the background: its row and
+    checkpoint are saved first, then the checkpoint of step 21 (history: the row of step 20); exit 130. --resume
+    then ends exactly as the uninterrupted run."""
+    out = tmp_path / "run"
+    first = cli(["1.0", "21", *BASE_RUN, "--dataset", ws.hdf5, "--out", out], ws.env, script=BACKGROUND_EVALUATION)
+    assert first.returncode == 130 and "Traceback" not in first.stderr, first.stderr[-3000:]
+    assert saves(first) == {"run": [("checkpoint", 1, 20), ("progress", 1, 20), ("checkpoint", 1, 21)]}
+    assert [r["step"] for r in progress_rows(out)] == [20]
+    assert_ok(cli(["--resume", "--out", out], ws.env))
+    ref, got = load_ckpt(base_run.out / "checkpoint.pt"), load_ckpt(out / "checkpoint.pt")
+    for key in ("agent", "batches", "metric_sums"):
+        assert_same(ref[key], got[key], key)
+    assert without_rates(got["history"]) == without_rates(ref["history"])
+
+
+def test_background_evaluation_captures_each_policy_in_the_training_thread(ws, tmp_path, monkeypatch):
+    """On CUDA no other thread may use the GPU while a policy is captured, so BackgroundEvaluation captures each
+    run's policy, for the generator and batch size its evaluation then uses, in the training thread before the
+    evaluation thread starts; that thread only replays. Checked on the CPU with a stand-in for CapturedPolicy."""
+    captures, calls = [], []
+
+    class RecordingCapturedPolicy(dac.CapturedPolicy):
+        def capture(self, states, gen):
+            captures.append(threading.current_thread())
+            self.key = (states.shape, gen)
+
+        def __call__(self, states, gen):
+            calls.append((threading.current_thread(), self.key == (states.shape, gen)))
+            return self.act(states, gen)
+
+    monkeypatch.setattr(dac, "make_policy", lambda agent, fast: RecordingCapturedPolicy(agent.act))
+    monkeypatch.setattr(dac, "evaluates_in_background", lambda cfg, device: True)
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(ws.root / "d4rl_empty"))
+    cfgs, _ = dac.parse_config([*BASE_RUN, "--dataset", str(ws.hdf5), "--seeds", "0", "1", "--out", str(tmp_path)])
+    runs, _ = dac.plan_runs(cfgs)
+    dac.train(runs, CPU)
+    assert captures == [threading.main_thread()] * 4  # 2 runs x 2 evaluations
+    assert calls and all(thread is not threading.main_thread() and same for thread, same in calls)
+
+
+def test_time_to_result_benchmark_runs_both_evaluation_modes(ws, tmp_path):
+    """bench/time_to_result.py trains through dac.train() in both evaluation modes and prints its figures (a smoke
+    test: tiny sizes, synthetic data, no timing asserted)."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "time_to_result.py"), "--device", "cpu", *TINY,
+                           "--seeds", "0", "1", "--stop-at", "30", "--eval-every", "10", "--eval-episodes", "1",
+                           "--synthetic-rows", "500", "--modes", "in-turn", "background", "--json", out,
+                           "--work", tmp_path / "runs"],
+                          env=ws.env, text=True, capture_output=True, timeout=300)
+    assert_ok(proc)
+    results = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in results] == ["in-turn", "background"]
+    for r in results:
+        assert r["runs"] == 2 and r["steps_per_run"] == 30 and len(r["raw"]["rounds"]) == 3
+        assert r["train_steps_per_sec"] > 0 and 0 < r["eval_share_of_wall"] < 1
+        assert r["projected_min_2x1M_every_20k"] > 0
+        for seed in (0, 1):
+            assert [row["step"] for row in progress_rows(tmp_path / "runs" / r["mode"] / f"seed{seed}")] == [10, 20, 30]
+    assert results[1]["eval_thread_s_per_round"] > 0 == results[0]["eval_thread_s_per_round"]
+    assert re.search(r"projected_min_2x1M_every_20k +[\d.]+ +[\d.]+", proc.stdout), proc.stdout[-2000:]
 
 
 def report_rows(path: Path) -> dict:
@@ -2066,3 +2421,56 @@ def test_default_run_shows_the_paper_picture_on_all_datasets(tmp_path):
     assert len(summary["datasets"]) == 4
     for name, d in summary["datasets"].items():
         assert d["verdict"]["holds"], (name, d)
+
+
+# ======================================================================================================
+# bench/official_train.py: the official JAX code trained on a local file (the smoke test needs its checkout)
+# ======================================================================================================
+def official_train():
+    sys.path.insert(0, str(REPO / "bench"))
+    import official_train
+
+    return official_train
+
+
+def test_official_train_rows_are_d4rl_qlearning_dataset():
+    """The official data preparation's first stage, d4rl.qlearning_dataset (terminate_on_end=False), restated as
+    its loop: next observation = next row, time-out rows skipped, the last row dropped."""
+    raw = d4rl_arrays(episodes=(7, 5, 6, 4))
+    raw["next_observations"][:] = 99  # qlearning_dataset ignores the file's next_observations
+    want = {k: [] for k in ("observations", "actions", "next_observations", "rewards", "terminals")}
+    for i in range(len(raw["rewards"]) - 1):
+        if raw["timeouts"][i]:
+            continue
+        for k, v in (("observations", raw["observations"][i]), ("actions", raw["actions"][i]),
+                     ("next_observations", raw["observations"][i + 1]), ("rewards", raw["rewards"][i]),
+                     ("terminals", float(raw["terminals"][i]))):
+            want[k].append(v)
+    got = official_train().qlearning_rows(raw)
+    assert len(got["rewards"]) == len(raw["rewards"]) - 1 - raw["timeouts"][:-1].sum()
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], np.array(v, dtype=got[k].dtype), err_msg=k)
+
+
+def test_official_train_smoke(ws, tmp_path):
+    """A few official gradient steps on the tiny file, JAX on the CPU. Needs DAC_OFFICIAL=<checkout of
+    https://github.com/Fang-Lin93/DAC> and jax, flax, optax, orbax-checkpoint (bench/parity_official.py's
+    versions); skipped without them."""
+    root = os.environ.get("DAC_OFFICIAL")
+    if not root:
+        pytest.skip("DAC_OFFICIAL is not set (a checkout of the official DAC code; see bench/official_train.py)")
+    pytest.importorskip("flax", reason="the official code needs jax/flax/optax/orbax (bench/parity_official.py)")
+    out = tmp_path / "official"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "official_train.py"), "--official", root, "--cpu",
+                           "--env", "hopper-medium-v2", "--dataset", str(ws.hdf5), "--stop-at", "20",
+                           "--eval-every", "10", "--eval-episodes", "1", "--out", str(out)],
+                          env=ws.env, text=True, capture_output=True, timeout=600)
+    assert_ok(proc)
+    with open(out / "progress.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [10, 20]
+    assert all(math.isfinite(float(r[k])) for r in rows for k in official_train().COLUMNS)
+    config = json.loads((out / "config.json").read_text())
+    raw = official_train().qlearning_rows(official_train().read_raw([str(ws.hdf5)]))
+    assert config["transitions"] == len(raw["rewards"])
+    assert json.loads((out / "summary.json").read_text())["steps"] == 20

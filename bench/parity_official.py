@@ -12,8 +12,7 @@ official initial weights; --check-batches shows which rows the official Dataset.
 
 PATH is a checkout of https://github.com/Fang-Lin93/DAC (e.g. `git archive HEAD | tar -x -C /tmp/dac_official`).
 JAX and friends are needed by this script only (not in requirements.txt); the versions it was checked with:
-    pip install "jax==0.4.38" "jaxlib==0.4.38" "flax==0.10.2" "optax==0.2.4" "orbax-checkpoint==0.11.5" \
-        "tensorflow-probability==0.25.0"
+    pip install "jax==0.4.38" "jaxlib==0.4.38" "flax==0.10.2" "optax==0.2.4" "orbax-checkpoint==0.11.5"
 
 "Relative difference": for a per-step scalar, |ours - official| / max(|official|, mean |official| over the steps so
 far), so that the guidance loss, which crosses zero, is measured against its typical size, not a value near 0; for
@@ -25,8 +24,8 @@ below, in this process only): torch.nn.utils.clip_grad_norm_ is wrapped to count
 and in float64 computes optax's g / ||g|| * max instead of torch's g * max / (||g|| + 1e-6). See docs/parity.md.
 
 Licence note: the official code is GPL-3.0. This script imports it at run time from the path given; it copies
-none of it. The small stand-ins below (`datasets`, the `agents` package shell) replace official modules that the
-DAC learner does not need (they pull in gym/d4rl and every other agent).
+none of it. The small stand-ins below (`datasets`, the `agents` package shell, and tensorflow-probability when it
+is not installed) replace modules that the DAC learner does not need (they pull in gym/d4rl and every other agent).
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dac  # noqa: E402
 
 PIP_LINE = ('pip install "jax==0.4.38" "jaxlib==0.4.38" "flax==0.10.2" "optax==0.2.4" '
-            '"orbax-checkpoint==0.11.5" "tensorflow-probability==0.25.0"')
+            '"orbax-checkpoint==0.11.5"')
 TOL = {"float32": 1e-4, "float64": 1e-9}
 FLOOR = 1e-12  # guards all-zero denominators only
 OBS_DIM, ACT_DIM = 11, 3  # hopper
@@ -181,21 +180,46 @@ def fail(msg: str) -> None:
     sys.exit(2)
 
 
-def import_official(path: str, x64: bool):
-    """Import the official agents/dac.py from `path`, with stand-ins for the modules it does not need."""
+def tfp_stand_in() -> types.ModuleType:
+    """tensorflow_probability, as far as the official code's imports reach: networks/critics.py imports
+    `tensorflow_probability.substrates.jax` for critics DAC does not use. Any use of the stand-in raises."""
+
+    class Unavailable(types.ModuleType):
+        def __getattr__(self, name):
+            raise RuntimeError(f"tensorflow-probability is not installed, and the official code used "
+                               f"{self.__name__}.{name}; the DAC learner should not: install tensorflow-probability")
+
+    tfp = types.ModuleType("tensorflow_probability")
+    tfp.substrates = types.ModuleType("tensorflow_probability.substrates")
+    tfp.substrates.jax = types.ModuleType("tensorflow_probability.substrates.jax")
+    tfp.substrates.jax.distributions = Unavailable("tfp.distributions")
+    tfp.substrates.jax.bijectors = Unavailable("tfp.bijectors")
+    return tfp
+
+
+def import_official(path: str, x64: bool, cpu: bool = True):
+    """Import the official agents/dac.py from `path`, with stand-ins for the modules it does not need. cpu: run
+    JAX on the CPU (the parity harness); else on JAX's default device."""
     root = Path(path).expanduser().resolve()
     if not (root / "agents" / "dac.py").exists():
         fail(f"--official {path}: no agents/dac.py there. Give the root of a checkout of the official DAC code, "
              f"e.g. `git clone https://github.com/Fang-Lin93/DAC /tmp/dac_official` (or `git archive` a mirror).")
     try:
         import jax
-        for name in ("flax", "optax", "orbax.checkpoint", "tensorflow_probability.substrates.jax"):
+        for name in ("flax", "optax", "orbax.checkpoint"):
             importlib.import_module(name)
     except ImportError as e:
-        fail(f"the official JAX code needs jax, flax, optax, orbax-checkpoint and tensorflow-probability, which "
-             f"only this harness uses (they are not in requirements.txt); importing them failed ({e}). Install the "
-             f"CPU versions this harness was checked with: {PIP_LINE}   then run the same command again.")
-    jax.config.update("jax_platforms", "cpu")
+        fail(f"the official JAX code needs jax, flax, optax and orbax-checkpoint, which only the bench scripts use "
+             f"(they are not in requirements.txt); importing them failed ({e}). Install the CPU versions the parity "
+             f"harness was checked with: {PIP_LINE}   then run the same command again.")
+    try:
+        importlib.import_module("tensorflow_probability.substrates.jax")
+    except ImportError:
+        tfp = tfp_stand_in()
+        sys.modules.update({"tensorflow_probability": tfp, "tensorflow_probability.substrates": tfp.substrates,
+                            "tensorflow_probability.substrates.jax": tfp.substrates.jax})
+    if cpu:
+        jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_enable_x64", x64)
     saved = {k: sys.modules.get(k) for k in ("datasets", "agents")}
     sys.path.insert(0, str(root))
@@ -209,7 +233,7 @@ def import_official(path: str, x64: bool):
         module = importlib.import_module("agents.dac")
     except Exception as e:
         fail(f"importing the official code from {root} failed: {type(e).__name__}: {e}. With other versions of "
-             f"jax/flax/optax/tensorflow-probability the official code may not import; install the ones this "
+             f"jax/flax/optax the official code may not import; install the ones this "
              f"harness was checked with: {PIP_LINE}")
     finally:
         sys.path.remove(str(root))
