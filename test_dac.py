@@ -1715,8 +1715,9 @@ def test_checkpoint_from_before_the_remedies_resumes_and_evaluates(ws, run_copy)
     dac.save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "format"})
     proc = cli(["--resume", "--out", run_copy], ws.env)
     assert_ok(proc)
-    config = json.loads(proc.stdout.split("config:", 1)[1].splitlines()[0])
+    config = json.loads((run_copy / "config.json").read_text())  # rewritten by the resumed run
     assert (config["critic_layer_norm"], config["clip_target"], config["steps"]) == (False, False, 40)
+    assert "--no-critic-layer-norm" in proc.stdout and "--no-clip-target" in proc.stdout  # as printed
     assert "seed 0: done" in proc.stdout
     assert_ok(cli(["--eval-only", path, "--eval-episodes", "1", "--no-fast"], ws.env))
     assert_user_error(cli(["--resume", "--out", run_copy, "--clip-target"], ws.env), "another configuration",
