@@ -586,10 +586,16 @@ class DAC(nn.Module):
                 "critic_opt": self.critic_opt.state_dict(), "rng": self.gen.get_state()}
 
     def load_full_state(self, state: dict) -> None:
+        rng = state["rng"].cpu()  # generator states are CPU byte tensors, even for CUDA generators
+        if rng.numel() != self.gen.get_state().numel():  # CUDA and CPU generators keep states of different sizes
+            where = "a CUDA GPU" if self.gen.device.type == "cpu" else "the CPU"
+            raise UserError(f"this checkpoint's random generator state is that of a run trained on {where}, and "
+                            f"continuing exactly needs the same kind of device: resume it on {where} (--device "
+                            f"{'cuda' if where == 'a CUDA GPU' else 'cpu'}). --eval-only evaluates it on any device.")
         self.load_state_dict(state["nets"])
         self.actor_opt.load_state_dict(state["actor_opt"])
         self.critic_opt.load_state_dict(state["critic_opt"])
-        self.gen.set_state(state["rng"].cpu())  # generator states are CPU byte tensors, even for CUDA generators
+        self.gen.set_state(rng)
 
 
 # ======================================================================================================
@@ -1622,12 +1628,13 @@ def check_config(cfg: Config) -> None:
 
 
 def load_agent(path: Path, device: torch.device) -> tuple:
-    """The agent in a checkpoint, and the checkpoint."""
+    """The agent in a checkpoint, for acting: its networks, eta and step (not its optimisers or training generator,
+    so a checkpoint trained on a GPU loads on a CPU too), and the checkpoint."""
     ckpt = load_checkpoint(path, device)
     saved = Config(**ckpt["config"])
     torch.manual_seed(saved.seed)
     agent = DAC(saved, *task_dims(saved.env), device)
-    agent.load_full_state(ckpt["agent"])
+    agent.load_state_dict(ckpt["agent"]["nets"])
     return agent, ckpt
 
 
@@ -1852,9 +1859,10 @@ def check_writable(folder: Path, flag: str) -> None:
 
 def cpu_notice(cfg: Config, device: torch.device, seeds: list) -> None:
     """--device auto found no GPU: say so, with the expected training time, when that is over an hour."""
-    seconds = cfg.steps * len(seeds) / CPU_STEPS_PER_SEC[cfg.fast]
+    steps = min(cfg.stop_at or cfg.steps, cfg.steps)
+    seconds = steps * len(seeds) / CPU_STEPS_PER_SEC[cfg.fast]
     if cfg.device == "auto" and device.type == "cpu" and seconds > 3600:
-        print(f"note: --device auto found no CUDA GPU, so this trains on the CPU: {cfg.steps:,} steps"
+        print(f"note: --device auto found no CUDA GPU, so this trains on the CPU: {steps:,} steps"
               f"{f' x {len(seeds)} seeds' if len(seeds) > 1 else ''} at about {CPU_STEPS_PER_SEC[cfg.fast]:.0f} "
               f"steps/s (the paper's sizes on 2 cores) take about {duration(seconds)}. Use a machine with a CUDA "
               f"GPU, or fewer --steps.", file=sys.stderr)

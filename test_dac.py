@@ -1225,6 +1225,21 @@ def test_resuming_seeds_at_different_steps_together_is_refused(base_run, ws, tmp
     assert (group / "seed1" / "checkpoint.pt").read_bytes() == before
 
 
+def test_checkpoint_of_a_gpu_run_evaluates_on_the_cpu_and_resume_says_where_it_can_continue(base_run, ws, tmp_path):
+    """A CUDA generator keeps a 16-byte state, a CPU one 5056 bytes: a GPU run's checkpoint cannot continue exactly
+    on the CPU. --resume says so in one paragraph; --eval-only, which needs no training generator, works."""
+    out = tmp_path / "gpu_run"
+    shutil.copytree(base_run.out, out)
+    ckpt = load_ckpt(out / "checkpoint.pt")
+    ckpt["agent"]["rng"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
+    dac.save_checkpoint(out / "checkpoint.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    assert_user_error(cli(["--resume", "--out", out, "--no-fast"], ws.env), "trained on a CUDA GPU",
+                      "--device cuda", "--eval-only")
+    proc = cli(["--eval-only", out, "--eval-episodes", "2", "--no-fast"], ws.env)
+    assert_ok(proc)
+    assert json.loads(proc.stdout)["return_mean"] == pytest.approx(ckpt["history"][-1]["return_mean"], rel=1e-9)
+
+
 def test_eval_only_reproduces_the_last_evaluation(base_run, ws):
     """--eval-only takes the run folder as well as its checkpoint.pt."""
     proc = cli(["--eval-only", base_run.out, "--eval-episodes", "2", "--no-fast"], ws.env)
