@@ -2469,23 +2469,27 @@ def test_official_train_rows_are_d4rl_qlearning_dataset():
 
 
 def test_official_train_smoke(ws, tmp_path):
-    """A few official gradient steps on the tiny file, JAX on the CPU. Needs DAC_OFFICIAL=<checkout of
-    https://github.com/Fang-Lin93/DAC> and jax, flax, optax, orbax-checkpoint (bench/parity_official.py's
-    versions); skipped without them."""
+    """A few official gradient steps on the tiny file, JAX on the CPU, and the same run stopped and resumed. Needs
+    DAC_OFFICIAL=<checkout of https://github.com/Fang-Lin93/DAC> and jax, flax, optax, orbax-checkpoint
+    (bench/parity_official.py's versions); skipped without them."""
     root = os.environ.get("DAC_OFFICIAL")
     if not root:
         pytest.skip("DAC_OFFICIAL is not set (a checkout of the official DAC code; see bench/official_train.py)")
     pytest.importorskip("flax", reason="the official code needs jax/flax/optax/orbax (bench/parity_official.py)")
+    def train(out, *args):
+        assert_ok(subprocess.run([sys.executable, str(REPO / "bench" / "official_train.py"), "--official", root,
+                                  "--cpu", "--env", "hopper-medium-v2", "--dataset", str(ws.hdf5), "--eval-every",
+                                  "10", "--eval-episodes", "1", "--out", str(out), *args],
+                                 env=ws.env, text=True, capture_output=True, timeout=600))
+        with open(out / "progress.csv", newline="") as f:
+            return [{k: v for k, v in row.items() if k != "steps_per_sec"} for row in csv.DictReader(f)]
+
     out = tmp_path / "official"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "official_train.py"), "--official", root, "--cpu",
-                           "--env", "hopper-medium-v2", "--dataset", str(ws.hdf5), "--stop-at", "20",
-                           "--eval-every", "10", "--eval-episodes", "1", "--out", str(out)],
-                          env=ws.env, text=True, capture_output=True, timeout=600)
-    assert_ok(proc)
-    with open(out / "progress.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = train(out, "--stop-at", "20")
     assert [int(r["step"]) for r in rows] == [10, 20]
-    assert all(math.isfinite(float(r[k])) for r in rows for k in official_train().COLUMNS)
+    assert all(math.isfinite(float(r[k])) for r in rows for k in r)
+    train(tmp_path / "stopped", "--stop-at", "10")  # stopped at 10, then resumed: the same rows
+    assert train(tmp_path / "stopped", "--stop-at", "20", "--resume") == rows
     config = json.loads((out / "config.json").read_text())
     raw = official_train().qlearning_rows(official_train().read_raw([str(ws.hdf5)]))
     assert config["transitions"] == len(raw["rewards"])

@@ -24,7 +24,9 @@ What is the official code's and what is this script's:
   normalized_score, critic_loss, bc_loss, guidance_loss, eta, q_mean, q_ensemble_std: means since the previous row
   of the official update's critic_loss, bc_loss, guidance_loss, eta, qs, qs_std; steps_per_sec), summary.json,
   config.json, so that `python dac.py --report` and bench/compare_codes.py read them like dac.py's runs.
-No checkpoints: a run of a few hundred thousand steps fits in one sitting; stopped runs start over.
+A checkpoint (checkpoint.pkl: the four models' parameters and Adam states, eta, the agent's key and step count,
+the Dataset's scanning order and position, numpy's global random state, the rows so far) is written atomically at
+every evaluation; --resume continues from it, so a run can span several GPU leases.
 
 The GPU machine this was written for has jax, flax, optax and orbax but not tensorflow-probability, which the
 official networks/critics.py imports for critics DAC does not use: parity_official.import_official puts in a
@@ -36,6 +38,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -135,6 +139,38 @@ def evaluate(agent, envs, env: str, seed: int) -> tuple:
     return returns, dac.normalized_score(env, returns)
 
 
+MODELS = ("actor", "actor_tar", "critic", "critic_tar")
+
+
+def save_state(path: Path, agent, ds, step: int, history: list) -> None:
+    """Everything --resume needs, as numpy arrays (pytree leaves), written atomically."""
+    import jax
+
+    state = {"models": {name: jax.device_get(jax.tree_util.tree_leaves(getattr(agent, name))) for name in MODELS},
+             "eta": np.asarray(agent.eta), "rng": np.asarray(agent.rng), "updates": agent._n_training_steps,
+             "scanning_indices": ds.scanning_indices, "batch_idx": ds.batch_idx,
+             "numpy_random": np.random.get_state(), "step": step, "history": history}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(pickle.dumps(state))
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, agent, ds) -> tuple:
+    """Restore save_state's checkpoint into a freshly built agent and dataset. -> (step, history)"""
+    import jax
+    import jax.numpy as jnp
+
+    state = pickle.loads(path.read_bytes())
+    for name in MODELS:
+        treedef = jax.tree_util.tree_structure(getattr(agent, name))
+        setattr(agent, name, jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in state["models"][name]]))
+    agent.eta, agent.rng = jnp.asarray(state["eta"]), jnp.asarray(state["rng"])
+    agent._n_training_steps = state["updates"]
+    ds.scanning_indices, ds.batch_idx = state["scanning_indices"], state["batch_idx"]
+    np.random.set_state(state["numpy_random"])
+    return state["step"], state["history"]
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--official", required=True, help="root of a checkout of the official DAC code")
@@ -146,7 +182,9 @@ def parse(argv=None):
     p.add_argument("--stop-at", type=int, default=0, help="stop after this many steps (0: --steps)")
     p.add_argument("--eval-every", type=int, default=10_000, help="steps between evaluations (main.py: 10k)")
     p.add_argument("--eval-episodes", type=int, default=10)
-    p.add_argument("--out", required=True, help="output folder (progress.csv, summary.json, config.json)")
+    p.add_argument("--out", required=True, help="output folder (progress.csv, summary.json, config.json, "
+                                                "checkpoint.pkl)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pkl")
     p.add_argument("--cpu", action="store_true", help="run JAX on the CPU (the smoke test)")
     return p.parse_args(argv)
 
@@ -154,8 +192,11 @@ def parse(argv=None):
 def main(argv=None) -> None:
     args = parse(argv)
     out = Path(args.out)
-    if (out / "progress.csv").exists():
-        fail(f"{out / 'progress.csv'} exists: this script does not resume. Choose another --out.")
+    ckpt = out / "checkpoint.pkl"
+    if args.resume and not ckpt.exists():
+        fail(f"--resume: there is no {ckpt}. Start without --resume, or point --out at the run to continue.")
+    if not args.resume and (out / "progress.csv").exists():
+        fail(f"{out / 'progress.csv'} exists: continue that run with --resume, or choose another --out.")
     missing = [p for p in args.dataset if not Path(p).is_file()]
     if missing:
         fail(f"--dataset: no such file(s): {', '.join(missing)}. Give D4RL-layout hdf5 files.")
@@ -172,11 +213,20 @@ def main(argv=None) -> None:
               "dataset": args.dataset, "seed": args.seed, "steps": args.steps, "stop_at": args.stop_at,
               "eval_every": args.eval_every, "eval_episodes": args.eval_episodes, "transitions": int(ds.size),
               "reward_scale": scale, "learner": kwargs, "jax": jax.__version__, "device": str(jax.devices()[0])}
+    if args.resume:
+        saved = json.loads((out / "config.json").read_text())
+        changed = [k for k in ("env", "seed", "steps", "eval_every", "transitions", "learner") if saved[k] != config[k]]
+        if changed:
+            fail(f"--resume: {', '.join(changed)} differ from the run in {out}; give the same settings and data.")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     print(f"official DAC, {args.env} seed {args.seed}: {ds.size} transitions from {', '.join(args.dataset)}, "
           f"rewards x {scale:.4f}, on {jax.devices()[0]}", flush=True)
     end, history, infos, train_seconds, started = min(args.stop_at or args.steps, args.steps), [], [], 0.0, time.time()
-    step, tic = 0, time.perf_counter()
+    step = 0
+    if args.resume:
+        step, history = load_state(ckpt, agent, ds)
+        print(f"resumed at step {step}", flush=True)
+    tic = time.perf_counter()
     while step < end:
         info = agent.update(ds.sample(batch_size=256))
         infos.append({k: info[v] for k, v in OFFICIAL_METRICS.items()})
@@ -189,7 +239,8 @@ def main(argv=None) -> None:
         history.append({"step": step, "return_mean": float(returns.mean()), "return_std": float(returns.std()),
                         "normalized_score": float(scores.mean()), **means,
                         "steps_per_sec": len(infos) / train_seconds})
-        infos, train_seconds, tic = [], 0.0, time.perf_counter()
+        infos, train_seconds = [], 0.0
+        save_state(ckpt, agent, ds, step, history)  # the checkpoint first, then the row it holds
         with open(out / "progress.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
@@ -205,6 +256,7 @@ def main(argv=None) -> None:
         row = history[-1]
         print(f"step {step}: score {row['normalized_score']:.1f}, q_mean {row['q_mean']:.4g}, eta {row['eta']:.3f}, "
               f"{row['steps_per_sec']:.0f} steps/s", flush=True)
+        tic = time.perf_counter()
     envs.close()
 
 
