@@ -1108,7 +1108,8 @@ def check_minari_server(dataset_id: str, root: Path) -> None:
 
 
 def default_sources(env: str) -> tuple:
-    """Where a D4RL name's data is looked for: D4RL's own cache file, else its Minari counterpart(s).
+    """Where a D4RL name's data is looked for: D4RL's own cache file (for medium-expert, else its medium and expert
+    files there, concatenated), else its Minari counterpart(s).
     Returns (sources, places already looked at in vain). AntMaze's data is its Minari dataset."""
     if env in ANTMAZE:
         return [ANTMAZE[env]], []
@@ -1117,6 +1118,9 @@ def default_sources(env: str) -> tuple:
     d4rl_file = d4rl_dir / f"{family}_{level.replace('-', '_')}-v2.hdf5"
     if d4rl_file.exists():
         return [str(d4rl_file)], []
+    parts = [d4rl_dir / f"{family}_{lv}-v2.hdf5" for lv in ("medium", "expert")]
+    if level == "medium-expert" and all(part.exists() for part in parts):  # D4RL built it as medium + expert
+        return [str(part) for part in parts], []
     tried = f"D4RL file {d4rl_file} (does not exist)"
     if level == "medium-replay":
         raise UserError(f"no data for {env}: D4RL's file {d4rl_file} does not exist and Minari has no "

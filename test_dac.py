@@ -901,6 +901,10 @@ def test_default_sources(tmp_path, monkeypatch):
     assert str(tmp_path / "hopper_medium-v2.hdf5") in looked[0]
     assert dac.default_sources("walker2d-medium-expert-v2")[0] == ["mujoco/walker2d/medium-v0",
                                                                    "mujoco/walker2d/expert-v0"]
+    for level in ("medium", "expert"):  # without D4RL's medium-expert file: its medium and expert files, in order
+        (tmp_path / f"hopper_{level}-v2.hdf5").touch()
+    assert dac.default_sources("hopper-medium-expert-v2") == ([str(tmp_path / "hopper_medium-v2.hdf5"),
+                                                               str(tmp_path / "hopper_expert-v2.hdf5")], [])
     (tmp_path / "hopper_medium_expert-v2.hdf5").touch()
     assert dac.default_sources("hopper-medium-expert-v2") == ([str(tmp_path / "hopper_medium_expert-v2.hdf5")], [])
 
