@@ -205,6 +205,10 @@ def main(argv=None) -> None:
 
     od_dataset = import_official_dataset(Path(args.official).expanduser().resolve())
     ds, scale = official_dataset(od_dataset, args.dataset, args.seed)
+    dims = dac.task_dims(args.env)
+    if (ds.observations.shape[1], ds.actions.shape[1]) != dims:
+        fail(f"the data have observations of size {ds.observations.shape[1]} and actions of size "
+             f"{ds.actions.shape[1]}; {args.env}'s task has {dims[0]} and {dims[1]}. Pick the --env of the data.")
     kwargs = learner_kwargs(args.env)
     agent = od.DACLearner(ds.observations[:1], ds.actions[:1], seed=args.seed, lr_decay_steps=args.steps, **kwargs)
     envs = dac.make_eval_envs(args.env, args.eval_episodes)
