@@ -5,33 +5,31 @@ one line per seed, one column per group of runs (e.g. dac.py on the 1M file, the
         "dac.py, 1M transitions=results/walker2d-medium-1m" \
         "official, 1M transitions=results/official/walker2d-medium-1m"
 
-Each LABEL=FOLDER names a folder holding run folders (seed0/, seed1/, ...) with progress.csv and config.json, as
-dac.py and bench/official_train.py write them. Q is the training-batch mean of the critics (`q_mean`, training
+Each LABEL=FOLDER names a folder holding run folders (seed0/, seed1/, ...) with progress.csv, config.json and
+summary.json, as dac.py and bench/official_train.py write them. Q is the training-batch mean of the critics (`q_mean`, training
 reward scale), drawn on a log axis; values below 1 are drawn at 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import dac  # noqa: E402
+
 
 def read_group(folder: Path) -> list:
-    """[(seed, rows)] of every run folder under `folder`, by seed."""
-    runs = []
-    for progress in sorted(folder.rglob("progress.csv")):
-        config = json.loads((progress.parent / "config.json").read_text())
-        with open(progress, newline="") as f:
-            rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
-        runs.append((int(config["seed"]), rows))
-    if not runs:
-        sys.exit(f"error: no progress.csv under {folder}; give folders that hold run folders (seed0/, ...).")
-    return sorted(runs)
+    """[(seed, progress rows)] of every run folder under `folder`, by seed (dac.read_runs: dac.py's and
+    bench/official_train.py's run folders alike)."""
+    try:
+        return sorted((int(r["config"]["seed"]), r["history"]) for r in dac.read_runs([str(folder)]))
+    except dac.UserError:
+        sys.exit(f"error: no runs under {folder}: give folders that hold run folders (seed0/, ...), each with "
+                 f"config.json, progress.csv and summary.json.")
 
 
 def main(argv=None) -> None:

@@ -49,7 +49,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dac  # noqa: E402
-from parity_official import fail, import_official  # noqa: E402
+from parity_official import fail, import_official, import_official_dataset  # noqa: E402
 
 COLUMNS = ("step", "return_mean", "return_std", "normalized_score", "critic_loss", "bc_loss", "guidance_loss", "eta",
            "q_mean", "q_ensemble_std", "steps_per_sec")
@@ -109,22 +109,6 @@ def official_dataset(od_dataset, paths: list, seed: int):
     gap = max(returns) - min(returns)  # utils.traj_return_normalize(dataset, scale=1000.)
     ds.rewards = 1000.0 * ds.rewards / gap
     return ds, float(1000.0 / gap)
-
-
-def import_official_dataset(root: Path):
-    """The official datasets/dataset.py alone (its package __init__ imports gym and d4rl; utils imports ray)."""
-    import importlib.util
-    import types
-
-    sys.modules.setdefault("utils", types.ModuleType("utils")).sample_n_k = None  # random batches only; unused
-    spec = importlib.util.spec_from_file_location("official_dataset", root / "datasets" / "dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(root))  # for networks.types
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(root))
-    return module
 
 
 def evaluate(agent, envs, env: str, seed: int) -> tuple:

@@ -245,6 +245,22 @@ def import_official(path: str, x64: bool, cpu: bool = True):
     return module, types_mod.Batch
 
 
+def import_official_dataset(root: Path):
+    """The official datasets/dataset.py alone (its package __init__ imports gym and d4rl), with a stand-in for
+    utils.sample_n_k (utils imports ray and gym; sample_n_k serves random batches only, not the scanning ones)."""
+    import importlib.util
+
+    sys.modules.setdefault("utils", types.ModuleType("utils")).sample_n_k = None
+    spec = importlib.util.spec_from_file_location("official_dataset", root / "datasets" / "dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(root))  # for networks.types
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(root))
+    return module
+
+
 def official_learner(od, args, x64: bool):
     """The official DACLearner as main.py builds it, with runs.sh's hopper-medium settings."""
     import jax
@@ -480,14 +496,7 @@ def check_batches(args) -> int:
     and dac.EpochBatches draw, on a toy dataset whose observation is the row index. Prints each pass's batch sizes
     and how many distinct rows it covers. Needs no JAX: datasets/dataset.py is loaded alone (its package
     __init__ imports gym and d4rl), with a stand-in for utils.sample_n_k (random batches only)."""
-    import importlib.util
-
-    root = Path(args.official).expanduser().resolve()
-    sys.path.insert(0, str(root))  # for networks.types
-    sys.modules.setdefault("utils", types.ModuleType("utils")).sample_n_k = None  # utils imports ray and gym
-    spec = importlib.util.spec_from_file_location("official_dataset", root / "datasets" / "dataset.py")
-    official = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(official)
+    official = import_official_dataset(Path(args.official).expanduser().resolve())
     B = 256
     for n in (1000, 1024):
         np.random.seed(args.seed)
