@@ -2030,8 +2030,9 @@ def two_datasets(ws, tmp_path_factory):
 
 
 def test_torchrun_spreads_runs_over_processes_with_outputs_identical_to_single_runs(two_datasets, tmp_path):
-    """torchrun, 2 CPU processes (gloo): --env hopper-medium-v2 walker2d-medium-v2 puts one run on each rank, each
-    with its own preset; both end exactly as the same runs made one by one, and rank 0 writes the launch's report."""
+    """torchrun, 2 CPU processes: --env hopper-medium-v2 walker2d-medium-v2 puts one run on each rank, each with its
+    own preset; both end exactly as the same runs made one by one, and rank 0 writes the launch's report, with rank
+    1's run gathered through torchrun's store."""
     args = ["--steps", "40", "--eval-every", "20", *TINY]
     launch = tmp_path / "launch"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
