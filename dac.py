@@ -1445,19 +1445,46 @@ def read_runs(folders: list) -> list:
     return [run_record(out) for out in outs]
 
 
+def report_groups(records: list) -> dict:
+    """The report's rows: (label, data) -> the runs of one dataset, data source and configuration (seed and run-only
+    fields aside), by seed. The label is the dataset, and the settings that set the row apart from the dataset's
+    other rows. A seed twice in a row is refused: the mean over seeds would count it twice."""
+    def settings(r: dict) -> str:
+        config = {**ADDED_FIELDS, **r["config"]}  # older runs: the values they were trained with
+        return json.dumps({k: v for k, v in config.items() if k not in RUN_ONLY_FIELDS | {"env", "dataset", "seed"}},
+                          sort_keys=True)
+
+    groups = {}
+    for r in sorted(records, key=lambda r: (r["config"]["env"], r["config"]["seed"])):
+        data = ", ".join(r["config"]["dataset"]) or f"default sources for {r['config']['env']}"
+        groups.setdefault((r["config"]["env"], data, settings(r)), []).append(r)
+    rows = {}
+    for (env, data, key), runs in groups.items():
+        mine, others = json.loads(key), [json.loads(k) for e, _, k in groups if e == env and k != key]
+        apart = [f"--{k.replace('_', '-')} {mine[k]}" for k in mine if any(o.get(k) != mine[k] for o in others)]
+        label = f"{env} ({', '.join(apart)})" if apart else env
+        seeds = [r["config"]["seed"] for r in runs]
+        for seed in seeds:
+            if seeds.count(seed) > 1:
+                twice = " and ".join(r["out"] for r in runs if r["config"]["seed"] == seed)
+                raise UserError(f"--report: {twice} are both seed {seed} of {label}, with the same data and "
+                                f"configuration, so the mean over seeds would count that seed twice (a copy of a run "
+                                f"folder?). Point --report at folders that hold each run once.")
+        rows[label, data] = runs
+    return rows
+
+
 def write_report(records: list, folder: Path) -> Path:
-    """report.md (per dataset: seeds, steps, final score mean and std over seeds, each seed's final and best score,
-    the data, and the critics' Q against the obtained return at the last evaluation) and report.png (normalised
-    score against step: the mean over seeds, and a band from the lowest to the highest seed). Returns report.md."""
+    """report.md (a row per dataset and configuration: seeds, steps, final score mean and std over seeds, each seed's
+    final and best score, the data, and the critics' Q against the obtained return at the last evaluation) and
+    report.png (normalised score against step: the mean over seeds, and a band from the lowest to the highest
+    seed). Returns report.md."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {}  # (env, data) -> that dataset's runs, by seed
-    for r in sorted(records, key=lambda r: (r["config"]["env"], r["config"]["seed"])):
-        data = ", ".join(r["config"]["dataset"]) or f"default sources for {r['config']['env']}"
-        groups.setdefault((r["config"]["env"], data), []).append(r)
+    groups = report_groups(records)
     lines = ["# DAC report", "",
              "Normalised score: 100 (return - random) / (expert - random) with D4RL's reference returns, on the "
              "Gymnasium v5 task of each dataset; on locally generated or Minari data it is not D4RL's benchmark. "
@@ -1469,7 +1496,7 @@ def write_report(records: list, folder: Path) -> Path:
              "| at ±1 |",
              "|---|---|---|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
-    for ax, ((env, data), runs) in zip(axes[0], groups.items()):
+    for ax, ((label, data), runs) in zip(axes[0], groups.items()):
         finals = np.array([r["summary"]["final_score"] for r in runs])
         seeds = ", ".join(str(r["config"]["seed"]) for r in runs)
         steps = ", ".join(sorted({str(r["summary"]["steps"]) for r in runs}))
@@ -1477,14 +1504,14 @@ def write_report(records: list, folder: Path) -> Path:
         q_vs_g = "; ".join(f"{r['history'][-1]['eval_q_mean']:.1f} / {r['history'][-1]['eval_discounted_return']:.1f}"
                            for r in runs)
         at_bound = "; ".join(f"{r['history'][-1]['eval_action_at_bound']:.2f}" for r in runs)
-        lines.append(f"| {env} | {data} | {seeds} | {steps} of {runs[0]['config']['steps']} | "
+        lines.append(f"| {label} | {data} | {seeds} | {steps} of {runs[0]['config']['steps']} | "
                      f"{finals.mean():.1f} ± {finals.std():.1f} | {per_seed} | {q_vs_g} | {at_bound} |")
         common = sorted(set.intersection(*({h["step"] for h in r["history"]} for r in runs)))
         scores = np.array([[next(h["normalized_score"] for h in r["history"] if h["step"] == s) for s in common]
                            for r in runs])  # (seeds, steps)
         ax.fill_between(common, scores.min(0), scores.max(0), alpha=0.25, label="lowest to highest seed")
         ax.plot(common, scores.mean(0), label=f"mean of {len(runs)} seed(s)")
-        ax.set(title=env, xlabel="gradient step", ylabel="normalised score")
+        ax.set(title=label, xlabel="gradient step", ylabel="normalised score")
         ax.legend(fontsize=7)
     fig.tight_layout()
     folder.mkdir(parents=True, exist_ok=True)

@@ -2020,6 +2020,24 @@ def test_seeds_launch_writes_a_report_and_report_flag_rewrites_it(ws, tmp_path):
     assert_user_error(cli(["--report", tmp_path / "nothing_here"], ws.env), "no runs found")
 
 
+
+def test_report_keeps_configurations_apart_and_refuses_a_seed_twice(ws, base_run, tmp_path):
+    """Runs of one dataset with other settings get a row each, labelled by what differs, not one mean over both;
+    a copied run folder (its seed twice in one row) is refused rather than averaged in."""
+    narrow = tmp_path / "narrow"
+    assert_ok(cli([*BASE_RUN, "--dataset", ws.hdf5, "--hidden-dim", "16", "--out", narrow], ws.env))
+    assert_ok(cli(["--report", base_run.out, narrow, "--out", tmp_path / "both"], ws.env))
+    rows = report_rows(tmp_path / "both" / "report.md")
+    assert set(rows) == {"hopper-medium-v2 (--hidden-dim 32)", "hopper-medium-v2 (--hidden-dim 16)"}
+    for width, out in (("32", base_run.out), ("16", narrow)):
+        label = f"hopper-medium-v2 (--hidden-dim {width})"
+        final = json.loads((out / "summary.json").read_text())["final_score"]
+        assert rows[label]["seeds"] == "0" and rows[label]["final score"] == f"{final:.1f} ± 0.0"
+    shutil.copytree(base_run.out, tmp_path / "copy")
+    assert_user_error(cli(["--report", base_run.out, tmp_path / "copy", "--out", tmp_path / "twice"], ws.env),
+                      "are both seed 0 of hopper-medium-v2")
+    assert not (tmp_path / "twice").exists()
+
 @pytest.fixture(scope="module")
 def two_datasets(ws, tmp_path_factory):
     """Tiny default-source files for hopper-medium-v2 (S=11, A=3) and walker2d-medium-v2 (S=17, A=6)."""
