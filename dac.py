@@ -799,7 +799,14 @@ def train(cfgs: list, device: torch.device) -> None:
     total, eval_every = cfgs[0].steps, cfgs[0].eval_every
     end = min(cfgs[0].stop_at or total, total)
     interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+
+    def on_ctrl_c(*_) -> None:  # said at once: the step may still be compiling for a minute
+        if not interrupted:
+            print("\nCtrl-C: stopping after the current step, then saving checkpoints (the first step after a start "
+                  "compiles on the fast path, which can take a minute)", file=sys.stderr, flush=True)
+        interrupted.append(True)
+
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     from tqdm import tqdm
 
     last = {"score": f"{runs[-1].history[-1]['normalized_score']:.1f}"} if runs[-1].history else None  # resumed
@@ -1622,9 +1629,12 @@ def refuse_other_configuration(path: Path, ckpt: dict, now: dict) -> None:
     differ = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items()
               if k not in RUN_ONLY_FIELDS and k != "dataset" and saved.get(k) != v]
     if differ:
-        raise UserError(f"checkpoint {path} comes from another configuration ({'; '.join(differ)}). Resume with "
-                        f"--resume --out {path.parent} alone (the run's own configuration is used) or with flags that "
-                        f"agree with it, or start a new run in another --out.")
+        longer = (" --steps is the span of the cosine learning-rate decay, so a longer schedule is a new run; "
+                  "--stop-at stops and continues within one." if now.get("steps", saved["steps"]) != saved["steps"]
+                  else "")
+        raise UserError(f"checkpoint {path} comes from another configuration ({'; '.join(differ)}).{longer} Resume "
+                        f"with --resume --out {path.parent} alone (the run's own configuration is used) or with flags "
+                        f"that agree with it, or start a new run in another --out.")
 
 
 def check_config(cfg: Config) -> None:
@@ -1656,6 +1666,14 @@ def check_config(cfg: Config) -> None:
         raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU. Use --device cpu or auto.")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise UserError(f"--seeds has repeated values {cfg.seeds}; give each seed once.")
+    if len(set(cfg.dataset)) != len(cfg.dataset):
+        raise UserError(f"--dataset names {', '.join(sorted({d for d in cfg.dataset if cfg.dataset.count(d) > 1}))} "
+                        f"more than once, so its transitions would be trained on twice over. Give each file or "
+                        f"Minari id once.")
+    if cfg.stop_at > cfg.steps:
+        raise UserError(f"--stop-at {cfg.stop_at} lies past the end of the --steps {cfg.steps} schedule, where every "
+                        f"run stops. Give --stop-at at most {cfg.steps} (0: the whole schedule), or a longer --steps "
+                        f"(which also stretches the cosine learning-rate decay).")
 
 
 def load_agent(path: Path, device: torch.device) -> tuple:
@@ -1671,6 +1689,10 @@ def load_agent(path: Path, device: torch.device) -> tuple:
 
 def eval_only(cfg: Config, given: set, device: torch.device) -> None:
     path = Path(cfg.eval_only) / "checkpoint.pt" if Path(cfg.eval_only).is_dir() else Path(cfg.eval_only)
+    inside = sorted(str(p.parent) for p in Path(cfg.eval_only).glob("*/checkpoint.pt")) if not path.exists() else []
+    if inside:  # the folder of a launch of several runs
+        raise UserError(f"--eval-only {cfg.eval_only} holds no checkpoint.pt itself, but its run folders do: "
+                        f"{', '.join(inside)}. Name one of them.")
     agent, ckpt = load_agent(path, device)
     saved = agent.cfg
     clash = [k for k in given if k not in RUN_ONLY_FIELDS and getattr(cfg, k) != getattr(saved, k)]

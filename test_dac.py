@@ -1085,6 +1085,7 @@ def test_resume_after_interruption_is_exact(base_run, ws, tmp_path):
     first = cli(["27", *args], ws.env, script=INTERRUPT_AFTER_STEP)
     assert first.returncode == 130 and "Traceback" not in first.stderr, first.stderr[-3000:]
     assert "--resume" in first.stdout
+    assert first.stderr.count("Ctrl-C: stopping after the current step") == 1  # said at once, before the save
     assert int(load_ckpt(out / "checkpoint.pt")["agent"]["nets"]["step"]) == 27
     second = cli(["--resume", "--out", out], ws.env)
     assert_ok(second)
@@ -1454,7 +1455,7 @@ def test_data_task_size_mismatch(ws, tmp_path, env, obs_dim, act_dim):
 INVALID_FLAGS = [("--steps", "0"), ("--steps", "abc"), ("--eval-every", "0"), ("--T", "0"), ("--batch-size", "-3"),
                  ("--gamma", "1.5"), ("--tau", "0"), ("--eta", "0"), ("--critic-lr", "-1"), ("--rho", "-1"),
                  ("--guidance", "foo"), ("--q-target", "max"), ("--device", "cuda"), ("--seeds", "1", "1"),
-                 ("--actor-lr", "inf"), ("--eta", "inf"), ("--seed", "-1")]
+                 ("--actor-lr", "inf"), ("--eta", "inf"), ("--seed", "-1"), ("--stop-at", "3")]
 
 
 @pytest.mark.parametrize("flag", INVALID_FLAGS, ids=" ".join)
@@ -1481,6 +1482,8 @@ def test_resume_refuses_checkpoint_from_another_configuration(ws, run_copy):
     proc = cli(["--resume", "--out", run_copy, "--rho", "2", "--steps", "4e1", "--eval-episodes", "1"], ws.env)
     message = assert_user_error(proc, "another configuration", "rho: checkpoint 1.5, now 2.0")
     assert "steps" not in message and "eval_episodes" not in message and "data:" not in proc.stdout
+    assert_user_error(cli(["--resume", "--out", run_copy, "--steps", "80"], ws.env), "steps: checkpoint 40, now 80",
+                      "a longer schedule is a new run")
     assert (run_copy / "checkpoint.pt").read_bytes() == before
 
 
@@ -1746,9 +1749,17 @@ def test_checkpoint_from_before_the_remedies_resumes_and_evaluates(ws, run_copy)
                       "clip_target: checkpoint False, now True")
 
 
-def test_eval_only_refuses_other_settings(ws, base_run):
+def test_eval_only_refuses_other_settings(ws, base_run, tmp_path):
     assert_user_error(cli(["--eval-only", base_run.out / "checkpoint.pt", "--no-fast", "--hidden-dim", "64"], ws.env),
                       "--hidden-dim")
+    shutil.copytree(base_run.out, tmp_path / "launch" / "seed0")  # the folder above a --seeds launch's runs
+    assert_user_error(cli(["--eval-only", tmp_path / "launch"], ws.env), "its run folders do",
+                      str(tmp_path / "launch" / "seed0"))
+
+
+def test_a_dataset_named_twice_is_refused(ws, tmp_path):
+    assert_user_error(cli(["--dataset", ws.hdf5, ws.hdf5, *TINY, "--out", tmp_path / "run"], ws.env),
+                      "more than once", "twice over")
 
 # ======================================================================================================
 # The official defaults (initialisation, batch order), evaluation diagnostics, --stop-at, launches and reports
