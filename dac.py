@@ -631,15 +631,8 @@ class Run:
         self.metric_count, self.history, self.wall_seconds = 0, [], 0.0
         self.train_seconds = 0.0  # training time of the metric_count steps (across a resume): their steps/s
         self.saving = None  # the thread that saves this run's last evaluation, if one does (appendix)
-        ckpt_path = self.out / "checkpoint.pt"
-        if cfg.resume:
-            if not ckpt_path.exists():
-                raise UserError(f"--resume: there is no checkpoint at {ckpt_path}. Start without --resume, or "
-                                f"point --out at the folder of the run to continue.")
-            self.load(load_checkpoint(ckpt_path, device, cfg))
-        elif ckpt_path.exists():
-            raise UserError(f"{ckpt_path} already exists. Continue that run with --resume, or choose another "
-                            f"--out (nothing was overwritten).")
+        if cfg.resume:  # main() has checked that the checkpoint exists, or that none does without --resume
+            self.load(load_checkpoint(self.out / "checkpoint.pt", device, cfg))
         self.step = int(self.agent.step)
         self.act = make_policy(self.agent, cfg.fast)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -1924,6 +1917,17 @@ def check_writable(folder: Path, flag: str) -> None:
                 p.rmdir()
 
 
+def check_checkpoint(cfg: Config) -> None:
+    """Before any data is loaded: --resume needs the run's checkpoint, and a new run must not overwrite one."""
+    path = Path(cfg.out) / "checkpoint.pt"
+    if cfg.resume and not path.exists():
+        raise UserError(f"--resume: there is no checkpoint at {path}. Start without --resume, or point --out at the "
+                        f"folder of the run to continue.")
+    if not cfg.resume and path.exists():
+        raise UserError(f"{path} already exists. Continue that run with --resume, or choose another --out (nothing "
+                        f"was overwritten).")
+
+
 def cpu_notice(cfg: Config, device: torch.device, seeds: list) -> None:
     """--device auto found no GPU: say so, with the expected training time, when that is over an hour."""
     steps = min(cfg.stop_at or cfg.steps, cfg.steps)
@@ -1955,6 +1959,7 @@ def main(argv: list | None = None) -> None:
               f"{len(mine)} run(s), outputs in {', '.join(c.out for c in mine) or '-'}")
         for c in mine:
             check_writable(Path(c.out), "--out")
+            check_checkpoint(c)
             if c.video:
                 check_video(Path(c.video), c.env)
         if mine:

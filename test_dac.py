@@ -1535,9 +1535,18 @@ def test_resume_alone_in_the_default_folder(ws, base_run, tmp_path):
 
 def test_existing_checkpoint_is_not_overwritten_without_resume(ws, run_copy):
     before = {p.name: p.read_bytes() for p in run_copy.iterdir()}
-    assert_user_error(cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy], ws.env), "already exists",
-                      "--resume")
+    proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--out", run_copy], ws.env)
+    assert_user_error(proc, "already exists", "--resume")
+    assert "data:" not in proc.stdout  # said before the data are loaded
     assert {p.name: p.read_bytes() for p in run_copy.iterdir()} == before
+
+
+def test_resume_of_seeds_with_a_checkpoint_missing_is_refused_before_loading(ws, base_run, tmp_path):
+    shutil.copytree(base_run.out, tmp_path / "launch" / "seed0")
+    proc = cli([*BASE_RUN, "--dataset", ws.hdf5, "--seeds", "0", "1", "--resume", "--out", tmp_path / "launch"],
+               ws.env)
+    assert_user_error(proc, f"no checkpoint at {tmp_path / 'launch' / 'seed1' / 'checkpoint.pt'}")
+    assert "data:" not in proc.stdout
 
 
 # Runs dac.main with `--out` paths under argv[1] on a read-only file system: making a folder there fails with EROFS.
