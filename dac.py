@@ -148,8 +148,8 @@ class Config:
                             "torch = PyTorch's nn.Linear initialisation", choices=["flax", "torch"])
     batch_order: str = arg("epochs", "epochs = shuffled passes over the data without replacement (the official code's "
                                      "order), random = independent uniform draws", choices=["epochs", "random"])
-    bf16: bool = arg(False, "every network's matrix products (and the activations between them) in bfloat16 under "
-                            "torch.autocast; parameters, Adam states, network outputs, losses, targets and eta stay "
+    bf16: bool = arg(False, "the networks' hidden layers (matrix products and activations) in bfloat16 under "
+                            "torch.autocast; output layers, parameters, Adam states, losses, targets and eta stay "
                             "float32. Opt-in and experimental: its speed and scores against float32 are not measured "
                             "on a GPU yet (docs/performance.md)")
 
@@ -269,15 +269,17 @@ class Mish(nn.Module):
         return x * n / (n + 2)
 
 
-def run_network(net: nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """net(x). With --bf16 under torch.autocast in bfloat16 (the matrix products, and so the activations between
-    them), and the output cast back to float32: what uses a network's output (sampler, targets, losses, eta) stays
-    float32, and gradients reach the float32 parameters through autocast's casts. Autocast's cache of cast weights
-    is off, as PyTorch requires where CUDA graphs are captured (the fast path)."""
+def run_network(net: nn.Sequential, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """net(x). With --bf16 its hidden layers run under torch.autocast in bfloat16 (matrix products and activations)
+    and its output layer in float32: bfloat16's 8 significant bits would resolve a Q of 100-250 only to 0.5-1, about
+    one step's reward on the training scale, coarser than the gaps policy extraction's argmax compares. So the
+    sampler, targets, losses and eta get float32, and gradients reach the float32 parameters through autocast's
+    casts. Autocast's cache of cast weights is off, as PyTorch requires where CUDA graphs are captured (fast path)."""
     if not bf16:
         return net(x)
     with torch.autocast(x.device.type, torch.bfloat16, cache_enabled=False):
-        return net(x).float()
+        hidden = net[:-1](x)
+    return net[-1](hidden.float())
 
 
 class NoiseMLP(nn.Module):
