@@ -272,7 +272,7 @@ class Mish(nn.Module):
 def run_network(net: nn.Sequential, x: torch.Tensor, bf16: bool) -> torch.Tensor:
     """net(x). With --bf16 its hidden layers run under torch.autocast in bfloat16 (matrix products and activations)
     and its output layer in float32: bfloat16's 8 significant bits would resolve a Q of 100-250 only to 0.5-1, about
-    one step's reward on the training scale, coarser than the gaps policy extraction's argmax compares. So the
+    one step's reward on the training scale, likely coarser than the gaps policy extraction's argmax compares. So the
     sampler, targets, losses and eta get float32, and gradients reach the float32 parameters through autocast's
     casts. Autocast's cache of cast weights is off, as PyTorch requires where CUDA graphs are captured (fast path)."""
     if not bf16:
