@@ -148,6 +148,10 @@ class Config:
                             "torch = PyTorch's nn.Linear initialisation", choices=["flax", "torch"])
     batch_order: str = arg("epochs", "epochs = shuffled passes over the data without replacement (the official code's "
                                      "order), random = independent uniform draws", choices=["epochs", "random"])
+    bf16: bool = arg(False, "the networks' hidden layers (matrix products and activations) in bfloat16 under "
+                            "torch.autocast; output layers, parameters, Adam states, losses, targets and eta stay "
+                            "float32. Opt-in and experimental: its speed and scores against float32 are not measured "
+                            "on a GPU yet (docs/performance.md)")
 
 
 # AntMaze: D4RL's names (v0 and v2) -> the Minari datasets recorded on Gymnasium-Robotics' AntMaze-v4 with D4RL's
@@ -265,12 +269,25 @@ class Mish(nn.Module):
         return x * n / (n + 2)
 
 
+def run_network(net: nn.Sequential, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """net(x). With --bf16 its hidden layers run under torch.autocast in bfloat16 (matrix products and activations)
+    and its output layer in float32: bfloat16's 8 significant bits would resolve a Q of 100-250 only to 0.5-1, about
+    one step's reward on the training scale, likely coarser than the gaps policy extraction's argmax compares. So the
+    sampler, targets, losses and eta get float32, and gradients reach the float32 parameters through autocast's
+    casts. Autocast's cache of cast weights is off, as PyTorch requires where CUDA graphs are captured (fast path)."""
+    if not bf16:
+        return net(x)
+    with torch.autocast(x.device.type, torch.bfloat16, cache_enabled=False):
+        hidden = net[:-1](x)
+    return net[-1](hidden.float())
+
+
 class NoiseMLP(nn.Module):
     """eps_theta(s, x_t, t): MLP on [s, x_t, time MLP(sinusoidal(t))], 3 hidden layers, Mish."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, time_dim: int = 16):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, time_dim: int = 16, bf16: bool = False):
         super().__init__()
-        self.act_dim = act_dim
+        self.act_dim, self.bf16 = act_dim, bf16
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, 32), Mish(), nn.Linear(32, 32))
         self.net = nn.Sequential(nn.Linear(obs_dim + act_dim + 32, hidden), Mish(),
                                  nn.Linear(hidden, hidden), Mish(),
@@ -279,11 +296,11 @@ class NoiseMLP(nn.Module):
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """t (M,) integer steps -> (M, 32)."""
-        return self.time_mlp(timestep_features(t))
+        return run_network(self.time_mlp, timestep_features(t), self.bf16)
 
     def predict(self, s: torch.Tensor, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """eps_theta from a ready time embedding: s (M, S), x (M, A), temb (M, 32) or one row (32,) for all M."""
-        return self.net(torch.cat([s, x, temb.expand(x.shape[0], -1)], dim=-1))  # (M, A)
+        return run_network(self.net, torch.cat([s, x, temb.expand(x.shape[0], -1)], dim=-1), self.bf16)  # (M, A)
 
     def forward(self, s: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """s (M, S), x (M, A), t (M,) -> (M, A)."""
@@ -304,7 +321,8 @@ class VectorizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             x = x.expand(self.weight.shape[0], -1, -1)  # the same input for every member
-        return torch.bmm(x, self.weight) + self.bias  # (H, M, out)
+        out = torch.bmm(x, self.weight)  # (H, M, out)
+        return out + self.bias.to(out.dtype)  # under --bf16's autocast the product is bfloat16, and so the sum
 
 
 class VectorizedLayerNorm(nn.Module):
@@ -337,8 +355,10 @@ class EnsembleCritic(nn.Module):
     layer_norm (--critic-layer-norm, not the paper's), each hidden layer is linear -> LayerNorm -> Mish: LayerNorm
     before the activation, as Ball et al. (2023) and Yue et al. (2023) place it."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_qs: int = 10, layer_norm: bool = False):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, num_qs: int = 10, layer_norm: bool = False,
+                 bf16: bool = False):
         super().__init__()
+        self.bf16 = bf16
         norm = lambda: [VectorizedLayerNorm(hidden, num_qs)] if layer_norm else []
         self.net = nn.Sequential(VectorizedLinear(obs_dim + act_dim, hidden, num_qs), *norm(), Mish(),
                                  VectorizedLinear(hidden, hidden, num_qs), *norm(), Mish(),
@@ -346,7 +366,7 @@ class EnsembleCritic(nn.Module):
                                  VectorizedLinear(hidden, 1, num_qs))
 
     def forward(self, s: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([s, a], dim=-1)).squeeze(-1)  # (H, M)
+        return run_network(self.net, torch.cat([s, a], dim=-1), self.bf16).squeeze(-1)  # (H, M)
 
 
 # ======================================================================================================
@@ -467,10 +487,10 @@ class DAC(nn.Module):
         checkpoint, which holds the bounds)."""
         super().__init__()
         self.cfg = cfg
-        self.actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim)
-        self.target_actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim)
-        self.critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs, cfg.critic_layer_norm)
-        self.target_critic = EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs, cfg.critic_layer_norm)
+        self.actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim, bf16=cfg.bf16)
+        self.target_actor = NoiseMLP(obs_dim, act_dim, cfg.hidden_dim, bf16=cfg.bf16)
+        critic = lambda: EnsembleCritic(obs_dim, act_dim, cfg.hidden_dim, cfg.num_qs, cfg.critic_layer_norm, cfg.bf16)
+        self.critic, self.target_critic = critic(), critic()
         if cfg.init == "flax":
             flax_init_(self.actor)
             flax_init_(self.critic)
@@ -1525,7 +1545,7 @@ def write_report(records: list, folder: Path) -> Path:
 CHECKPOINT_FORMAT = 3  # 2: hand-written Adam's moments as buffers; 3: torch.optim.Adam's state_dicts
 # Config fields newer than some format-3 checkpoints, each with the value that trains as dac.py did before the field
 # existed: a checkpoint without the field was trained with that value, and loads as if it held it.
-ADDED_FIELDS = {"critic_layer_norm": False, "clip_target": False}
+ADDED_FIELDS = {"critic_layer_norm": False, "clip_target": False, "bf16": False}
 
 
 def checksum_path(path: Path) -> Path:

@@ -1,14 +1,17 @@
 """Throughput benchmark for dac.py: gradient steps/s (eager vs fast), acting latency, evaluation time, memory.
 
-    python bench/throughput.py [--devices cpu cuda] [--seeds 2 4 8] [--batch-multiples 2 4 8]
-                               [--out runs/bench/throughput.json]
+    python bench/throughput.py [--devices cpu cuda] [--modes eager fast] [--precisions fp32 bf16]
+                               [--seeds 2 4 8] [--batch-multiples 2 4 8] [--out runs/bench/throughput.json]
 
 Shapes are the paper's defaults (B=256, H=10, N=10, N_a=10, T=5, hidden 256) at hopper (S=11, A=3) and
-walker2d (S=17, A=6) sizes, on random data resident on the device. Prints a table and writes JSON.
+walker2d (S=17, A=6) sizes, on random data resident on the device. With `--precisions fp32 bf16` each row is
+measured in float32 and then with dac.py's --bf16, in this one call, and each bf16 row gives its steps/s as a
+multiple of the float32 row's (vs_fp32). Prints a table and writes JSON.
 """
 
 import argparse
 import gc
+import itertools
 import json
 import platform
 import sys
@@ -38,9 +41,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def steps_per_sec(device, shape, fast, seeds=1, seconds=3.0, warmup=5, batch_size=BATCH):
-    """Aggregate gradient steps/s of `seeds` independent agents trained in lock-step, as `dac.py --seeds` does."""
-    cfg = dac.Config(fast=fast, steps=2_000_000, batch_size=batch_size)
+def steps_per_sec(device, shape, fast, seeds=1, seconds=3.0, warmup=5, batch_size=BATCH, bf16=False):
+    """Aggregate gradient steps/s of `seeds` independent agents trained in lock-step, as `dac.py --seeds` does
+    (with bf16, as `dac.py --bf16` trains them)."""
+    cfg = dac.Config(fast=fast, steps=2_000_000, batch_size=batch_size, bf16=bf16)
     data = random_data(*shape, device)
     agents = []
     for seed in range(seeds):
@@ -107,6 +111,11 @@ def main():
     p.add_argument("--devices", nargs="+", choices=["cpu", "cuda"],
                    default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
                    help="devices to measure (default: cpu, and cuda when a GPU is visible)")
+    p.add_argument("--modes", nargs="+", choices=["eager", "fast"], default=["eager", "fast"],
+                   help="eager and/or the fast path (default: both)")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                   help="float32 and/or dac.py's --bf16: each row measured in each, one after the other, in this one "
+                        "call (default: fp32)")
     p.add_argument("--seconds", type=float, default=3.0,
                    help="timing window per measurement, in seconds (at least 10 on the CPU) (default: 3)")
     p.add_argument("--seeds", type=int, nargs="+", default=[4],
@@ -119,9 +128,13 @@ def main():
                    help="where the JSON results go (default: runs/bench/throughput.json; runs/ is git-ignored)")
     args = p.parse_args()
 
-    rows = []
+    rows, modes = [], [mode == "fast" for mode in args.modes]
 
     def record(row: dict) -> None:
+        same = [r for r in rows if r["precision"] == "fp32" and all(r[k] == row[k] for k in
+                                                                    ("device", "shape", "mode", "seeds", "batch"))]
+        if row["precision"] == "bf16" and same:
+            row["vs_fp32"] = round(row["steps_per_sec"] / same[0]["steps_per_sec"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -133,15 +146,15 @@ def main():
         device = torch.device(name)
         seconds = args.seconds if name == "cuda" else max(args.seconds, 10.0)
         for shape_name, shape in SHAPES.items():
-            for fast in (False, True):
+            for fast, precision in itertools.product(modes, args.precisions):
                 if name == "cuda":
                     torch._dynamo.reset()  # drop the earlier rows' compiled code, which holds their agents
                     gc.collect()
                     torch.cuda.reset_peak_memory_stats()
                     before = torch.cuda.memory_allocated()
-                sps, agent = steps_per_sec(device, shape, fast, seconds=seconds)
-                row = {"device": name, "shape": shape_name, "mode": "fast" if fast else "eager", "seeds": 1,
-                       "batch": BATCH, "steps_per_sec": round(sps, 1)}
+                sps, agent = steps_per_sec(device, shape, fast, seconds=seconds, bf16=precision == "bf16")
+                row = {"device": name, "shape": shape_name, "mode": "fast" if fast else "eager",
+                       "precision": precision, "seeds": 1, "batch": BATCH, "steps_per_sec": round(sps, 1)}
                 if name == "cuda":
                     row["peak_mem_mib"] = round((torch.cuda.max_memory_allocated() - before) / 2**20)
                 if shape_name == "hopper":
@@ -150,22 +163,26 @@ def main():
                     if fast:
                         row["eval_10_episodes_s"] = eval_seconds(agent, device)
                 record(row)
-        if name == "cuda":
-            single = next(r["steps_per_sec"] for r in rows if r["device"] == name and r["mode"] == "fast")
-            for seeds in args.seeds:
-                sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seeds=seeds, seconds=seconds)
-                row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": seeds, "batch": BATCH,
-                       "steps_per_sec": round(sps, 1), "vs_one_seed": round(sps / single, 2)}
+        if name == "cuda" and "fast" in args.modes:
+            single = {r["precision"]: r["steps_per_sec"] for r in rows
+                      if r["device"] == name and r["shape"] == "hopper" and r["mode"] == "fast"}
+            for seeds, precision in itertools.product(args.seeds, args.precisions):
+                sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seeds=seeds, seconds=seconds,
+                                       bf16=precision == "bf16")
+                row = {"device": name, "shape": "hopper", "mode": "fast", "precision": precision, "seeds": seeds,
+                       "batch": BATCH, "steps_per_sec": round(sps, 1), "vs_one_seed": round(sps / single[precision], 2)}
                 record(row)
-            for k in args.batch_multiples:
-                sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seconds=seconds, batch_size=BATCH * k)
-                row = {"device": name, "shape": "hopper", "mode": "fast", "seeds": 1, "batch": BATCH * k,
-                       "steps_per_sec": round(sps, 1), "samples_vs_one_seed": round(k * sps / single, 2)}
+            for k, precision in itertools.product(args.batch_multiples, args.precisions):
+                sps, _ = steps_per_sec(device, SHAPES["hopper"], True, seconds=seconds, batch_size=BATCH * k,
+                                       bf16=precision == "bf16")
+                row = {"device": name, "shape": "hopper", "mode": "fast", "precision": precision, "seeds": 1,
+                       "batch": BATCH * k, "steps_per_sec": round(sps, 1),
+                       "samples_vs_one_seed": round(k * sps / single[precision], 2)}
                 record(row)
 
     print(f"\n{info}")
-    cols = ["device", "shape", "mode", "seeds", "batch", "steps_per_sec", "vs_one_seed", "samples_vs_one_seed",
-            "act_1_ms", "act_10_ms", "eval_10_episodes_s", "peak_mem_mib"]
+    cols = ["device", "shape", "mode", "precision", "seeds", "batch", "steps_per_sec", "vs_fp32", "vs_one_seed",
+            "samples_vs_one_seed", "act_1_ms", "act_10_ms", "eval_10_episodes_s", "peak_mem_mib"]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(str(r.get(c, "")) for c in cols))

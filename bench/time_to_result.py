@@ -237,7 +237,7 @@ def main() -> None:
     except dac.UserError as e:
         raise SystemExit(f"error: {e}") from None
 
-    info = {**machine(device), "env": cfgs[0].env, "fast": cfgs[0].fast,
+    info = {**machine(device), "env": cfgs[0].env, "fast": cfgs[0].fast, "bf16": cfgs[0].bf16,
             "data": f"synthetic, {args.synthetic_rows} rows" if synthetic else cfgs[0].dataset}
     print(f"\n{json.dumps(info)}")
     n = results[0]["runs"]
