@@ -1997,6 +1997,12 @@ def main(argv: list | None = None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:  # MuJoCo checks MUJOCO_GL when first imported, even where nothing is rendered
+        if "MUJOCO_GL" not in str(e):
+            raise
+        print(f"error: MuJoCo refused MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} ({e}). Evaluation renders nothing: "
+              f"unset MUJOCO_GL, or set it to egl (GPU) or osmesa (CPU) for --video.", file=sys.stderr)
+        sys.exit(2)
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

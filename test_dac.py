@@ -1917,6 +1917,11 @@ def test_eval_only_refuses_other_settings(ws, base_run, tmp_path):
                       str(tmp_path / "launch" / "seed0"))
 
 
+def test_a_mujoco_gl_that_mujoco_refuses_gets_one_paragraph(ws, base_run):
+    proc = cli(["--eval-only", base_run.out, "--eval-episodes", "1"], {**ws.env, "MUJOCO_GL": "bogus"})
+    assert_user_error(proc, "MUJOCO_GL='bogus'", "unset MUJOCO_GL")
+
+
 def test_a_dataset_named_twice_is_refused(ws, tmp_path):
     assert_user_error(cli(["--dataset", ws.hdf5, ws.hdf5, *TINY, "--out", tmp_path / "run"], ws.env),
                       "more than once", "twice over")
