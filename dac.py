@@ -28,7 +28,8 @@ Deliberate differences from the official code (README.md, "Deliberate difference
 * Each agent owns a torch.Generator; evaluation draws from a separate one, so it never shifts training noise.
 * The fast path on CUDA runs float32 matrix products in TF32, as JAX does by default on GPUs.
 * `--guidance none` (diffusion BC) and `--no-clip-sample` exist for ablations; `--critic-layer-norm` and
-  `--clip-target`, off by default, are remedies for a diverging critic.
+  `--clip-target`, off by default, are remedies for a diverging critic; `--bf16`, off by default and experimental,
+  runs the networks' hidden layers in bfloat16.
 """
 
 from __future__ import annotations
