@@ -811,7 +811,7 @@ def train(cfgs: list, device: torch.device) -> None:
     background = (BackgroundEvaluation(runs, envs, show, fast_step) if evaluates_in_background(cfgs[0], device)
                   else None)
     total, eval_every = cfgs[0].steps, cfgs[0].eval_every
-    end = min(cfgs[0].stop_at or total, total)
+    end = cfgs[0].stop_at or total  # check_config keeps --stop-at within --steps
     interrupted = []
 
     def on_ctrl_c(*_) -> None:  # said at once: the step may still be compiling for a minute
@@ -1825,9 +1825,7 @@ def resumed_config(given: dict) -> dict:
                        if p.parent.name[4:].isdigit())
     seed, base = (seeds or [given.get("seed", Config.seed)])[0], out or f"runs/{given.get('env', Config.env)}"
     path = Path(out if out and not seeds else f"{base}/seed{seed}") / "checkpoint.pt"
-    if not path.exists():
-        raise UserError(f"--resume: there is no checkpoint at {path}. Start without --resume, or point --out at the "
-                        f"folder of the run to continue.")
+    check_checkpoint(path, resume=True)
     ckpt = load_checkpoint(path, torch.device("cpu"))
     refuse_other_configuration(path, ckpt, {k: v for k, v in given.items() if not (seeds and k == "seed")})
     fields = {f.name for f in dataclasses.fields(Config)} - {"out", "resume", "seeds", "eval_only", "video"}
@@ -1938,20 +1936,19 @@ def check_writable(folder: Path, flag: str) -> None:
                 p.rmdir()
 
 
-def check_checkpoint(cfg: Config) -> None:
+def check_checkpoint(path: Path, resume: bool) -> None:
     """Before any data is loaded: --resume needs the run's checkpoint, and a new run must not overwrite one."""
-    path = Path(cfg.out) / "checkpoint.pt"
-    if cfg.resume and not path.exists():
+    if resume and not path.exists():
         raise UserError(f"--resume: there is no checkpoint at {path}. Start without --resume, or point --out at the "
                         f"folder of the run to continue.")
-    if not cfg.resume and path.exists():
+    if not resume and path.exists():
         raise UserError(f"{path} already exists. Continue that run with --resume, or choose another --out (nothing "
                         f"was overwritten).")
 
 
 def cpu_notice(cfg: Config, device: torch.device, seeds: list) -> None:
     """--device auto found no GPU: say so, with the expected training time, when that is over an hour."""
-    steps = min(cfg.stop_at or cfg.steps, cfg.steps)
+    steps = cfg.stop_at or cfg.steps
     seconds = steps * len(seeds) / CPU_STEPS_PER_SEC[cfg.fast]
     if cfg.device == "auto" and device.type == "cpu" and seconds > 3600:
         print(f"note: --device auto found no CUDA GPU, so this trains on the CPU: {steps:,} steps"
@@ -1980,7 +1977,7 @@ def main(argv: list | None = None) -> None:
               f"{len(mine)} run(s), outputs in {', '.join(c.out for c in mine) or '-'}")
         for c in mine:
             check_writable(Path(c.out), "--out")
-            check_checkpoint(c)
+            check_checkpoint(Path(c.out) / "checkpoint.pt", c.resume)
             if c.video:
                 check_video(Path(c.video), c.env)
         if mine:

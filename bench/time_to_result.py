@@ -132,7 +132,7 @@ def measure(cfgs: list, device: torch.device, mode: str, eval_length: str, work:
                  dac.BackgroundEvaluation.wait, dac.BackgroundEvaluation.evaluate_in_turn, dac.make_eval_envs,
                  dac.evaluates_in_background)
     runs, _ = dac.plan_runs([dataclasses.replace(cfg, out=str(work / mode)) for cfg in cfgs])
-    every, stop = runs[0].eval_every, min(runs[0].stop_at or runs[0].steps, runs[0].steps)
+    every, stop = runs[0].eval_every, runs[0].stop_at or runs[0].steps
     if stop % every or stop < 3 * every:
         raise SystemExit(f"--stop-at ({stop}) must be a multiple of --eval-every ({every}), at least 3 times it: the "
                          f"first evaluation is start-up, the last is not overlapped by training")
