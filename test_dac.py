@@ -686,18 +686,24 @@ def critic_member_by_hand(critic: dac.EnsembleCritic, x: torch.Tensor, h: int) -
     return z.squeeze(-1)
 
 
-def test_ensemble_members_are_independent_mlps():
-    torch.manual_seed(0)
-    critic = dac.EnsembleCritic(S, A, hidden=16, num_qs=4)
+def check_members_by_hand_and_independent(critic: dac.EnsembleCritic, parameter: nn.Parameter) -> None:
+    """Each of the 4 members' Q is its own MLP computed by hand, and changing member 0's slice of `parameter`
+    changes member 0's Q alone."""
     s, a = torch.randn(6, S), torch.randn(6, A)
     q = critic(s, a)  # (H, M)
     assert q.shape == (4, 6)
     for h in range(4):
         torch.testing.assert_close(q[h], critic_member_by_hand(critic, torch.cat([s, a], -1), h))
     with torch.no_grad():
-        critic.net[0].weight[0].add_(1.0)
+        parameter[0].add_(1.0)
     q2 = critic(s, a)
     assert not torch.allclose(q2[0], q[0]) and torch.equal(q2[1:], q[1:])
+
+
+def test_ensemble_members_are_independent_mlps():
+    torch.manual_seed(0)
+    critic = dac.EnsembleCritic(S, A, hidden=16, num_qs=4)
+    check_members_by_hand_and_independent(critic, critic.net[0].weight)
 
     actor = dac.NoiseMLP(S, A)
     assert [m.out_features for m in actor.net if isinstance(m, nn.Linear)] == [256, 256, 256, A]
@@ -719,15 +725,7 @@ def test_layer_norm_critic_normalises_each_member_before_its_mish():
         with torch.no_grad():  # distinct scales and shifts per member, so that sharing them would show
             norm.weight.uniform_(0.5, 2.0)
             norm.bias.uniform_(-1.0, 1.0)
-    s, a = torch.randn(6, S), torch.randn(6, A)
-    q = critic(s, a)  # (H, M)
-    assert q.shape == (4, 6)
-    for h in range(4):
-        torch.testing.assert_close(q[h], critic_member_by_hand(critic, torch.cat([s, a], -1), h))
-    with torch.no_grad():
-        norms[1].weight[0].add_(1.0)
-    q2 = critic(s, a)
-    assert not torch.allclose(q2[0], q[0]) and torch.equal(q2[1:], q[1:])
+    check_members_by_hand_and_independent(critic, norms[1].weight)
 
 
 def test_layer_norm_changes_only_the_critics():
